@@ -1,0 +1,43 @@
+"""The interface every compressed-GEMM backend implements.
+
+A backend turns a layer's kept values into derived GEMM operands once per optimizer step
+(``prepare``) and runs the two sparse products of a training step with them: the forward
+``Y = X (M⊙W)ᵀ + b`` and the input gradient ``dX = dY W̃`` with the double-pruned
+transpose. The weight gradient is a dense product reduced to the kept entries; backends
+may replace it with something faster.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+
+from .. import nm
+
+
+class Backend(abc.ABC):
+    """A way to run the sparse GEMMs of :class:`dsparse.nn.SparseLinear`."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def unsupported_reason(self, device: torch.device, dtype: torch.dtype, n: int, m: int, out_features: int,
+                           in_features: int) -> str | None:
+        """Why this backend cannot run a layer of this kind here, or None when it can."""
+
+    @abc.abstractmethod
+    def prepare(self, values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, n: int, m: int) -> Any:
+        """Derived operands for ``W = M⊙W`` and the double-pruned ``W̃ᵀ`` built from the kept values."""
+
+    @abc.abstractmethod
+    def linear(self, ops: Any, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x2d @ Wᵀ + bias`` for ``x2d`` of shape ``(tokens, in)``."""
+
+    @abc.abstractmethod
+    def grad_input(self, ops: Any, dy2d: torch.Tensor) -> torch.Tensor:
+        """``dy2d @ W̃`` for ``dy2d`` of shape ``(tokens, out)``: the input gradient."""
+
+    def grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int) -> torch.Tensor:
+        """The weight gradient at the kept entries only, shape ``(out, in*n/m)``."""
+        return nm.gather_kept(dy2d.t().mm(x2d), idx, m)

@@ -1,0 +1,5 @@
+"""Sparse modules and the converter that puts them into a model."""
+from .convert import sparse_modules, sparsify
+from .sparse_linear import SparseLinear
+
+__all__ = ["SparseLinear", "sparsify", "sparse_modules"]

@@ -1,0 +1,294 @@
+"""SparseLinear: a linear layer whose weight is N:M sparse, trained the SLoPe way.
+
+State (the single source of truth; everything else derives from it):
+
+* ``values`` — ``nn.Parameter`` ``(out, in·N/M)``: the kept weights. Optimizers, DeepSpeed's
+  ZeRO, clipping and checkpoints see only this half-size tensor. (With ``compress=False``
+  the parameter is a dense ``weight`` ``(out, in)`` instead, for debugging; the layer
+  computes the same numbers from its kept entries.)
+* ``idx`` — uint8 buffer: each kept value's position in its group of M. Static.
+* ``keep_t`` — bool buffer over the kept values: which survive the second pruning that
+  makes the input-gradient operand ``W̃ᵀ``. Re-chosen every ``mask_change_freq`` steps.
+* ``mask_step`` — optimizer steps taken, so the mask schedule survives checkpoints.
+* optional low-rank adapter ``adapter_a`` ``(r, in)``, ``adapter_b`` ``(out, r)``:
+  ``Y += (X Aᵀ) Bᵀ · alpha / r`` once ``adapter_active``.
+
+The compressed GEMM operands are derived state, rebuilt when the values change (keyed on
+the parameter's storage and version counter, so an in-place optimizer step, a ZeRO
+all-gather into its flat buffer or a ``load_state_dict`` all trigger a rebuild, and
+micro-batches between steps do not).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import nm
+from ..backends import Backend, check_backend_name, resolve_backend
+from .optimizer_hook import install_optimizer_hook, tag_owner
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """Forward with ``M⊙W``, input gradient with the double-pruned ``W̃``, weight gradient at kept entries."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, param: torch.Tensor, bias: torch.Tensor | None, layer: "SparseLinear"):
+        backend, ops = layer._operands()
+        x2d = x.reshape(-1, x.shape[-1])
+        y = backend.linear(ops, x2d, bias)
+        ctx.layer = layer
+        ctx.backend = backend
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, param)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, _param = ctx.saved_tensors
+        layer: SparseLinear = ctx.layer
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        dx = dparam = dbias = None
+        if ctx.needs_input_grad[0]:
+            _, ops = layer._operands()
+            dx = ctx.backend.grad_input(ops, dy2d).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            dvalues = ctx.backend.grad_values(dy2d, x2d, layer.idx, layer.n, layer.m)
+            dparam = layer._param_grad(dvalues)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy2d.sum(0)
+        return dx, dparam, dbias, None
+
+
+class SparseLinear(nn.Module):
+    """``Y = X (M⊙W)ᵀ + b`` with an N:M-sparse ``W`` stored as its kept values (SLoPe).
+
+    Args:
+        in_features, out_features, bias: as :class:`torch.nn.Linear`.
+        pattern: ``"N:M"``; groups of M along ``in`` keep N. ``out_features`` must also be a
+            multiple of M (the double pruning groups along ``out``).
+        backend: ``"auto"``, ``"reference"`` or ``"cusparselt"``.
+        mask_change_freq: re-choose ``W̃ᵀ``'s mask every this many optimizer steps (0: never).
+        compress: False keeps a dense ``weight`` parameter (same numbers; for debugging).
+        cache_operands: keep the derived GEMM operands between uses (False for ZeRO-3, where
+            a layer's values exist only while gathered).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, pattern: str = "2:4",
+                 backend: str = "auto", mask_change_freq: int = 100, compress: bool = True,
+                 cache_operands: bool = True, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.n, self.m = nm.parse_pattern(pattern)
+        nm.check_divisible(in_features, self.m, "in_features")
+        nm.check_divisible(out_features, self.m, "out_features (double pruning groups along out)")
+        if mask_change_freq < 0:
+            raise ValueError(f"mask_change_freq must be >= 0 (0 disables mask changes), got {mask_change_freq}")
+        self.in_features, self.out_features = in_features, out_features
+        self.backend = check_backend_name(backend)
+        self.mask_change_freq = int(mask_change_freq)
+        self.compress = bool(compress)
+        self.cache_operands = cache_operands
+        factory = {"device": device, "dtype": dtype}
+        kept = in_features // self.m * self.n
+        if self.compress:
+            self.values = nn.Parameter(torch.empty(out_features, kept, **factory))
+        else:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("idx", torch.zeros(out_features, kept, dtype=torch.uint8, device=device))
+        self.register_buffer("keep_t", torch.zeros(out_features, kept, dtype=torch.bool, device=device))
+        self.register_buffer("mask_step", torch.zeros((), dtype=torch.int64, device=device))
+        self.adapter_scale = 0.0
+        self.engine_managed = False  # set by dsparse.initialize: its engine, not the optimizer hook, counts steps
+        self._host_step = 0  # host mirror of mask_step: the schedule never waits on the device
+        self._host_adapter_active = False
+        self._cache: tuple[tuple, Backend, Any] | None = None
+        self.reset_parameters()
+        tag_owner(self._param, self)
+        install_optimizer_hook()
+
+    # ----------------------------------------------------------------- construction
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation of the dense weight, then magnitude N:M pruning."""
+        dense = torch.empty(self.out_features, self.in_features, device=self.idx.device, dtype=self._param.dtype)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        self.load_dense_weight(dense)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def load_dense_weight(self, dense: torch.Tensor) -> None:
+        """Prune a dense ``(out, in)`` weight by magnitude and make it this layer's weight and masks."""
+        if dense.shape != (self.out_features, self.in_features):
+            raise ValueError(f"dense weight has shape {tuple(dense.shape)}, expected "
+                             f"{(self.out_features, self.in_features)}")
+        mask = nm.nm_mask(dense.abs().float(), self.n, self.m)
+        self.idx.copy_(nm.kept_positions(mask, self.n, self.m))
+        kept = nm.gather_kept(dense, self.idx, self.m)
+        if self.compress:
+            self.values.copy_(kept)
+        else:
+            self.weight.copy_(nm.scatter_kept(kept, self.idx, self.n, self.m))
+        self.update_transpose_mask()
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, **kwargs: Any) -> "SparseLinear":
+        """A SparseLinear pruned from an ``nn.Linear`` or a HF GPT-2 ``Conv1D`` (``y = x W + b``)."""
+        weight = module.weight
+        if isinstance(module, nn.Linear):
+            dense = weight
+        elif type(module).__name__ == "Conv1D" and weight.dim() == 2:
+            dense = weight.t()
+        else:
+            raise TypeError(f"cannot sparsify {type(module).__name__}: expected nn.Linear or transformers Conv1D")
+        out_features, in_features = dense.shape
+        layer = cls(in_features, out_features, bias=module.bias is not None, device=weight.device,
+                    dtype=weight.dtype, **kwargs)
+        layer.load_dense_weight(dense.detach())
+        if module.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(module.bias)
+        return layer
+
+    # ----------------------------------------------------------------- state views
+    @property
+    def _param(self) -> nn.Parameter:
+        """The trainable weight tensor: ``values``, or ``weight`` when not compressed."""
+        return self.values if self.compress else self.weight
+
+    def kept_values(self) -> torch.Tensor:
+        """The kept weights ``(out, in·N/M)`` (a view of ``values``; gathered when not compressed)."""
+        return self.values if self.compress else nm.gather_kept(self.weight, self.idx, self.m)
+
+    def _param_grad(self, dvalues: torch.Tensor) -> torch.Tensor:
+        return dvalues if self.compress else nm.scatter_kept(dvalues, self.idx, self.n, self.m)
+
+    def effective_weight(self) -> torch.Tensor:
+        """Dense ``(out, in)`` view of ``M⊙W``: what the forward multiplies by."""
+        return nm.dense_from_kept(self.kept_values(), self.idx, self.n, self.m)
+
+    def effective_weight_t(self) -> torch.Tensor:
+        """Dense ``(in, out)`` view of the double-pruned ``W̃ᵀ``: what the input gradient uses."""
+        return nm.dense_transpose_from_kept(self.kept_values(), self.idx, self.keep_t, self.n, self.m)
+
+    # ----------------------------------------------------------------- derived state
+    def _operands(self) -> tuple[Backend, Any]:
+        """The backend and its derived operands for the current values, rebuilt only when stale."""
+        param = self._param
+        key = (param.data_ptr(), param._version, self.keep_t.data_ptr(), self.keep_t._version,
+               self.idx.data_ptr(), self.idx._version, param.dtype, param.device)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m, self.out_features,
+                                  self.in_features, layer=f"SparseLinear({self.in_features}, {self.out_features})")
+        with torch.no_grad():
+            ops = backend.prepare(self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m)
+        self._cache = (key, backend, ops) if self.cache_operands else None
+        return backend, ops
+
+    def release_operands(self) -> None:
+        """Drop the cached derived operands (they are rebuilt on next use)."""
+        self._cache = None
+
+    # ----------------------------------------------------------------- schedule
+    @torch.no_grad()
+    def update_transpose_mask(self) -> None:
+        """Re-choose ``W̃ᵀ``'s mask by magnitude from the current values (deterministic ties)."""
+        self.keep_t.copy_(nm.transpose_keep(self.kept_values(), self.idx, self.n, self.m))
+
+    @torch.no_grad()
+    def on_optimizer_step(self) -> bool:
+        """Advance the mask schedule by one applied optimizer step; True when ``W̃ᵀ``'s mask was re-chosen.
+
+        As in the SLoPe reference, the mask changes after the step whose count (before
+        it) satisfies ``step % freq == freq - 1``: after every ``freq``-th step.
+        """
+        freq = self.mask_change_freq
+        changed = freq > 0 and self._host_step % freq == freq - 1
+        if changed:
+            self.update_transpose_mask()
+        self._host_step += 1
+        self.mask_step.fill_(self._host_step)
+        return changed
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps this layer has seen (the mask schedule's clock)."""
+        return self._host_step
+
+    # ----------------------------------------------------------------- adapters
+    def add_adapter(self, rank: int, alpha: float = 1.0, active: bool = True,
+                    generator: torch.Generator | None = None) -> None:
+        """Add a low-rank adapter ``Y += (X Aᵀ) Bᵀ · alpha / rank`` (SLoPe's lazy adapters).
+
+        ``A`` starts random (LoRA's Kaiming-uniform), ``B`` at zero, so adding it does
+        not change the output. An inactive adapter is skipped by the forward (and so
+        gets no gradient) until :meth:`set_adapter_active`.
+        """
+        if rank < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {rank}")
+        if hasattr(self, "adapter_a"):
+            raise RuntimeError("this layer already has an adapter")
+        param = self._param
+        a = torch.empty(rank, self.in_features, dtype=torch.float32)
+        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)), as LoRA
+        a.uniform_(-bound, bound, generator=generator)
+        self.adapter_a = nn.Parameter(a.to(device=param.device, dtype=param.dtype))
+        self.adapter_b = nn.Parameter(torch.zeros(self.out_features, rank, device=param.device, dtype=param.dtype))
+        self.register_buffer("adapter_active", torch.tensor(bool(active), device=param.device))
+        self._host_adapter_active = bool(active)
+        self.adapter_scale = alpha / rank
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self, "adapter_a")
+
+    @property
+    def adapter_is_active(self) -> bool:
+        return self.has_adapter and self._host_adapter_active
+
+    def set_adapter_active(self, active: bool = True) -> None:
+        if not self.has_adapter:
+            raise RuntimeError("this layer has no adapter; call add_adapter first")
+        self._host_adapter_active = bool(active)
+        self.adapter_active.fill_(bool(active))
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
+        y = _SparseLinearFunction.apply(x, self._param, self.bias, self)
+        if self.adapter_is_active:
+            y = y + F.linear(F.linear(x, self.adapter_a), self.adapter_b) * self.adapter_scale
+        return y
+
+    # ----------------------------------------------------------------- state dict
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.sync_host_state()
+
+    def sync_host_state(self) -> None:
+        """Refresh the host mirrors of ``mask_step`` and ``adapter_active`` from the buffers."""
+        self._host_step = int(self.mask_step)
+        if self.has_adapter:
+            self._host_adapter_active = bool(self.adapter_active)
+
+    def sparsity_signature(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to load into this layer."""
+        return {"pattern": f"{self.n}:{self.m}", "in": self.in_features, "out": self.out_features,
+                "compress": self.compress, "adapter_rank": self.adapter_a.shape[0] if self.has_adapter else 0}
+
+    def extra_repr(self) -> str:
+        text = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"pattern={self.n}:{self.m}, backend={self.backend}, mask_change_freq={self.mask_change_freq}")
+        if not self.compress:
+            text += ", compress=False"
+        if self.has_adapter:
+            text += f", adapter_rank={self.adapter_a.shape[0]}, adapter_active={self._host_adapter_active}"
+        return text
