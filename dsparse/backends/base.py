@@ -30,6 +30,11 @@ class Backend(abc.ABC):
     def prepare(self, values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, n: int, m: int) -> Any:
         """Derived operands for ``W = M⊙W`` and the double-pruned ``W̃ᵀ`` built from the kept values."""
 
+    def refresh(self, ops: Any, values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, n: int,
+                m: int) -> Any:
+        """Operands after the values changed but the masks did not (may update ``ops`` in place)."""
+        return self.prepare(values, idx, keep_t, n, m)
+
     @abc.abstractmethod
     def linear(self, ops: Any, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x2d @ Wᵀ + bias`` for ``x2d`` of shape ``(tokens, in)``."""

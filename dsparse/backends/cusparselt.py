@@ -1,18 +1,26 @@
 """The cuSPARSELt backend: torch's ``_cslt_*`` ops on NVIDIA GPUs (sm_80 and newer).
 
-``W`` (``(out, in)``, 2:4 along ``in``) and the double-pruned ``W̃ᵀ`` (``(in, out)``, 2:4
-along ``out``) are compressed once per optimizer step. Both products put the sparse
-operand first, as cuSPARSELt requires, and ask for a transposed result so that the
-output comes back row-major ``(tokens, features)`` without a copy:
+Operands: ``W`` (``(out, in)``, 2:4 along ``in``) and the double-pruned ``W̃ᵀ``
+(``(in, out)``, 2:4 along ``out``), each compressed by ``torch._cslt_compress``. Both
+products put the sparse operand first, as cuSPARSELt requires:
 
-* forward:        ``Yᵀ = W Xᵀ``          -> ``_cslt_sparse_mm(W_c, Xᵀ, bias, transpose_result=True)``
-* input gradient: ``dXᵀ = W̃ᵀ dYᵀ``      -> ``_cslt_sparse_mm(W̃ᵀ_c, dYᵀ, transpose_result=True)``
+* forward:        ``Yᵀ = W Xᵀ``     -> ``_cslt_sparse_mm(W_c, Xᵀ, bias)``
+* input gradient: ``dXᵀ = W̃ᵀ dYᵀ`` -> ``_cslt_sparse_mm(W̃ᵀ_c, dYᵀ)``
 
-Which algorithm and layout each shape uses comes from :mod:`dsparse.backends.plans`.
+``Xᵀ`` is a transposed view (no copy); whether cuSPARSELt writes the result transposed
+and which algorithm it uses come from the per-shape plan (:mod:`.plans`).
+
+Refresh without recompression: a compressed operand starts with its kept values,
+row-major, followed by metadata. Compression therefore runs only when a mask changes,
+on a matrix holding ones at exactly the 2 slots per group this backend chose (so
+cuSPARSELt's metadata names our slots even where a kept value is zero); after each
+optimizer step the values region is overwritten in place. The layout is verified once
+per process and dtype; if a cuSPARSELt version lays it out otherwise, every refresh
+recompresses instead.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
@@ -21,13 +29,16 @@ from .base import Backend
 from .plans import Plan, plan_for
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-# cuSPARSELt's smallest tile for 16-bit types: every matrix dim a multiple of 16
-_MIN_DIM = 16
+_MIN_DIM = 16  # cuSPARSELt: both dims of the sparse operand multiples of 16 for 16-bit types
+_TOKEN_MULTIPLE = 8  # and the dense operand's free dim a multiple of 8
+_layout_ok: dict[torch.dtype, bool] = {}
 
 
-class CompressedOperands(NamedTuple):
-    weight: torch.Tensor  # cuSPARSELt-compressed W, (out, in)
-    weight_t: torch.Tensor  # cuSPARSELt-compressed W̃ᵀ, (in, out)
+@dataclass
+class CompressedOperands:
+    weight: torch.Tensor  # compressed W (out, in)
+    weight_t: torch.Tensor  # compressed W̃ᵀ (in, out)
+    slots_t: torch.Tensor  # uint8 (in, out/2): W̃ᵀ's two slots per group of 4 along out
     out_features: int
     in_features: int
 
@@ -42,6 +53,45 @@ def cusparselt_available() -> bool:
     return torch.cuda.get_device_capability() >= (8, 0)
 
 
+def _values_region(packed: torch.Tensor, rows: int, kept: int) -> torch.Tensor:
+    return packed.view(-1)[: rows * kept].view(rows, kept)
+
+
+def _compress_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Compress a (rows, cols) 2:4 operand whose metadata marks ``slots``, holding ``values``."""
+    ones = torch.ones_like(values)
+    packed = torch._cslt_compress(nm.scatter_kept(ones, slots, 2, 4))
+    if _inplace_layout_ok(values.dtype, values.device):
+        _values_region(packed, *values.shape).copy_(values)
+        return packed
+    return torch._cslt_compress(nm.scatter_kept(values, slots, 2, 4))
+
+
+def _inplace_layout_ok(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether compressed operands start with their kept values, row-major (checked once per dtype)."""
+    if dtype not in _layout_ok:
+        gen = torch.Generator(device=device).manual_seed(0)
+        dense = torch.randn(64, 128, generator=gen, device=device).to(dtype)
+        idx = nm.kept_positions(nm.nm_mask(dense.abs().float(), 2, 4), 2, 4)
+        kept = nm.gather_kept(dense, idx, 4)
+        packed = torch._cslt_compress(nm.scatter_kept(kept, idx, 2, 4))
+        _layout_ok[dtype] = bool(torch.equal(_values_region(packed, 64, 64), kept))
+    return _layout_ok[dtype]
+
+
+def transpose_slots(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor) -> torch.Tensor:
+    """W̃ᵀ's 2 slots per group of 4 along ``out``: its kept entries, then (lowest position first) fillers."""
+    score = keep_t.to(torch.uint8) + 1  # 2: survives double pruning, 1: kept by W only, 0: pruned
+    dense = nm.scatter_kept(score, idx, 2, 4).t().contiguous()  # (in, out)
+    return nm.kept_positions(nm.nm_mask(dense, 2, 4), 2, 4)
+
+
+def _transpose_values(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor,
+                      slots_t: torch.Tensor) -> torch.Tensor:
+    dense_t = nm.dense_transpose_from_kept(values, idx, keep_t, 2, 4).contiguous()
+    return nm.gather_kept(dense_t, slots_t, 4)
+
+
 class CusparseltBackend(Backend):
     name = "cusparselt"
 
@@ -51,23 +101,30 @@ class CusparseltBackend(Backend):
         if not cusparselt_available():
             return "this torch build or GPU has no cuSPARSELt (needs torch with cuSPARSELt and compute capability >= 8.0)"
         if dtype not in SUPPORTED_DTYPES:
-            return f"cuSPARSELt supports fp16 and bf16 here, not {dtype}; train in fp16/bf16 or use backend 'reference'"
-        if m != 4 or n > 2:
-            return f"cuSPARSELt runs 2:4 (and patterns inside it, like 1:4), not {n}:{m}"
+            return f"cuSPARSELt runs 2:4 in fp16 and bf16, not {dtype}; train in fp16/bf16 or use backend 'reference'"
+        if (n, m) != (2, 4):
+            return f"this backend runs the 2:4 pattern, not {n}:{m}"
         for size, what in ((out_features, "out_features"), (in_features, "in_features")):
             if size % _MIN_DIM:
                 return f"{what} = {size} is not a multiple of {_MIN_DIM}, which cuSPARSELt requires"
         return None
 
     def prepare(self, values, idx, keep_t, n, m) -> CompressedOperands:
-        weight = nm.dense_from_kept(values, idx, n, m)
-        weight_t = nm.dense_transpose_from_kept(values, idx, keep_t, n, m).contiguous()
-        return CompressedOperands(torch._cslt_compress(weight), torch._cslt_compress(weight_t),
-                                  weight.shape[0], weight.shape[1])
+        slots_t = transpose_slots(values, idx, keep_t)
+        weight = _compress_slots(values, idx)
+        weight_t = _compress_slots(_transpose_values(values, idx, keep_t, slots_t), slots_t)
+        return CompressedOperands(weight, weight_t, slots_t, values.shape[0], idx.shape[1] * 2)
+
+    def refresh(self, ops: CompressedOperands, values, idx, keep_t, n, m) -> CompressedOperands:
+        if not _inplace_layout_ok(values.dtype, values.device):
+            return self.prepare(values, idx, keep_t, n, m)
+        _values_region(ops.weight, *values.shape).copy_(values)
+        _values_region(ops.weight_t, *ops.slots_t.shape).copy_(_transpose_values(values, idx, keep_t, ops.slots_t))
+        return ops
 
     def linear(self, ops: CompressedOperands, x2d, bias):
         plan = plan_for("fwd", x2d.shape[0], ops.in_features, ops.out_features, x2d.dtype)
-        return _sparse_mm(ops.weight, x2d, bias, plan)
+        return _sparse_mm(ops.weight, x2d, None if bias is None else bias.to(x2d.dtype), plan)
 
     def grad_input(self, ops: CompressedOperands, dy2d):
         plan = plan_for("dx", dy2d.shape[0], ops.out_features, ops.in_features, dy2d.dtype)
@@ -75,16 +132,12 @@ class CusparseltBackend(Backend):
 
 
 def _sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
-    """``x2d @ Aᵀ (+ bias)`` for a compressed ``A``, row-major ``(tokens, rows of A)``."""
+    """``x2d @ Aᵀ (+ bias)`` for a compressed ``A``: contiguous ``(tokens, rows of A)``."""
     tokens = x2d.shape[0]
-    pad = (-tokens) % _MIN_DIM
+    pad = (-tokens) % _TOKEN_MULTIPLE
+    x2d = x2d.contiguous()
     dense = torch.nn.functional.pad(x2d, (0, 0, 0, pad)) if pad else x2d
-    if plan.transpose_result:
-        out = torch._cslt_sparse_mm(packed, dense.t(), bias=bias, transpose_result=True, alg_id=plan.alg_id,
-                                    split_k=plan.split_k)
-    else:
-        out = torch._cslt_sparse_mm(packed, dense.t(), alg_id=plan.alg_id, split_k=plan.split_k).t()
-        if bias is not None:
-            out = out + bias
-        out = out.contiguous()
+    out = torch._cslt_sparse_mm(packed, dense.t(), bias=bias, transpose_result=plan.transpose_result,
+                                alg_id=plan.alg_id)
+    out = out if plan.transpose_result else out.t().contiguous()
     return out[:tokens] if pad else out

@@ -1,9 +1,12 @@
 """Per-shape execution plans for the cuSPARSELt products.
 
-A plan says how one sparse product of a given shape runs: cuSPARSELt's algorithm id,
-its split-k, and whether the result comes back transposed by cuSPARSELt itself or by a
-copy. Plans default to cuSPARSELt's own choice; ``bench/tune.py`` measures the
-alternatives per shape and ``load_plans`` installs its choices.
+A plan says how one sparse product runs: cuSPARSELt's algorithm id and whether
+cuSPARSELt writes the result transposed (row-major ``(tokens, features)``) or the backend
+copies it there. The untuned default (algorithm 0, untransposed result) was the faster
+layout on an H100. ``python -m bench.tune`` times every alternative per shape and saves
+the winners; plans load once per process from the per-GPU cache
+(:func:`default_cache_path`, overridable with ``DSPARSE_PLANS``). A product whose token
+count was not tuned uses the plan tuned for the nearest token count.
 """
 from __future__ import annotations
 
@@ -17,31 +20,48 @@ import torch
 @dataclass(frozen=True)
 class Plan:
     alg_id: int = 0
-    split_k: int = 1
-    transpose_result: bool = True
+    transpose_result: bool = False
 
 
 DEFAULT_PLAN = Plan()
-_PLANS: dict[tuple[str, int, int, int, str], Plan] = {}
+_PLANS: dict[tuple[str, int, int, str], dict[int, Plan]] = {}  # (role, k, n, dtype) -> {tokens: plan}
+_loaded = False
 
 
-def plan_key(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> tuple[str, int, int, int, str]:
-    """Key of a product ``(tokens, k) x (k, n)``; ``role`` is ``"fwd"`` or ``"dx"``."""
-    return (role, tokens, k, n, str(dtype).removeprefix("torch."))
+def _shape_key(role: str, k: int, n: int, dtype: torch.dtype | str) -> tuple[str, int, int, str]:
+    return (role, int(k), int(n), str(dtype).removeprefix("torch."))
 
 
 def plan_for(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
-    """The installed plan for this product, or cuSPARSELt's default."""
-    return _PLANS.get(plan_key(role, tokens, k, n, dtype), DEFAULT_PLAN)
+    """The plan for ``(tokens, k) x (k, n)``; ``role`` is ``"fwd"`` or ``"dx"``."""
+    if not _loaded:
+        load_default_plans()
+    by_tokens = _PLANS.get(_shape_key(role, k, n, dtype))
+    if not by_tokens:
+        return DEFAULT_PLAN
+    nearest = min(by_tokens, key=lambda t: (abs(t - tokens), t))
+    return by_tokens[nearest]
 
 
-def set_plan(role: str, tokens: int, k: int, n: int, dtype: torch.dtype, plan: Plan) -> None:
-    _PLANS[plan_key(role, tokens, k, n, dtype)] = plan
+def set_plan(role: str, tokens: int, k: int, n: int, dtype: torch.dtype | str, plan: Plan) -> None:
+    _PLANS.setdefault(_shape_key(role, k, n, dtype), {})[int(tokens)] = plan
+
+
+def default_cache_path() -> str:
+    """Where this GPU's tuned plans live: keyed by GPU name, torch and cuSPARSELt versions."""
+    if os.environ.get("DSPARSE_PLANS"):
+        return os.environ["DSPARSE_PLANS"]
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dsparse")
+    gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    cslt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else "none"
+    return os.path.join(root, f"plans_{gpu}_torch{torch.__version__}_cusparselt{cslt}.json")
 
 
 def save_plans(path: str | os.PathLike) -> None:
     """Write the installed plans as JSON (atomically)."""
-    rows = [dict(zip(("role", "tokens", "k", "n", "dtype"), key), **asdict(plan)) for key, plan in _PLANS.items()]
+    rows = [{"role": key[0], "tokens": tokens, "k": key[1], "n": key[2], "dtype": key[3], **asdict(plan)}
+            for key, by_tokens in _PLANS.items() for tokens, plan in by_tokens.items()]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(rows, f, indent=1)
@@ -50,9 +70,20 @@ def save_plans(path: str | os.PathLike) -> None:
 
 def load_plans(path: str | os.PathLike) -> int:
     """Install the plans of a JSON file written by :func:`save_plans`; returns how many."""
+    global _loaded
     with open(path) as f:
         rows = json.load(f)
     for row in rows:
-        key = (row["role"], int(row["tokens"]), int(row["k"]), int(row["n"]), row["dtype"])
-        _PLANS[key] = Plan(int(row["alg_id"]), int(row["split_k"]), bool(row["transpose_result"]))
+        set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"],
+                 Plan(int(row["alg_id"]), bool(row["transpose_result"])))
+    _loaded = True
     return len(rows)
+
+
+def load_default_plans() -> None:
+    """Load this GPU's plan cache once, if it exists."""
+    global _loaded
+    _loaded = True
+    path = default_cache_path()
+    if os.path.exists(path):
+        load_plans(path)

@@ -106,7 +106,7 @@ class SparseLinear(nn.Module):
         self.engine_managed = False  # set by dsparse.initialize: its engine, not the optimizer hook, counts steps
         self._host_step = 0  # host mirror of mask_step: the schedule never waits on the device
         self._host_adapter_active = False
-        self._cache: tuple[tuple, Backend, Any] | None = None
+        self._cache: tuple[tuple, tuple, Backend, Any] | None = None
         self.reset_parameters()
         tag_owner(self._param, self)
         install_optimizer_hook()
@@ -179,17 +179,28 @@ class SparseLinear(nn.Module):
 
     # ----------------------------------------------------------------- derived state
     def _operands(self) -> tuple[Backend, Any]:
-        """The backend and its derived operands for the current values, rebuilt only when stale."""
+        """The backend and its derived operands for the current values, rebuilt only when stale.
+
+        A change of the masks rebuilds the operands; a change of the values alone (an
+        optimizer step) refreshes them, which a backend may do in place.
+        """
         param = self._param
-        key = (param.data_ptr(), param._version, self.keep_t.data_ptr(), self.keep_t._version,
-               self.idx.data_ptr(), self.idx._version, param.dtype, param.device)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
-        backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m, self.out_features,
-                                  self.in_features, layer=f"SparseLinear({self.in_features}, {self.out_features})")
+        mask_key = (self.keep_t.data_ptr(), self.keep_t._version, self.idx.data_ptr(), self.idx._version,
+                    param.dtype, param.device)
+        value_key = (param.data_ptr(), param._version)
+        cache = self._cache
+        if cache is not None and cache[0] == mask_key and cache[1] == value_key:
+            return cache[2], cache[3]
         with torch.no_grad():
-            ops = backend.prepare(self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m)
-        self._cache = (key, backend, ops) if self.cache_operands else None
+            values = self.kept_values().detach()
+            if cache is not None and cache[0] == mask_key:
+                backend, ops = cache[2], cache[2].refresh(cache[3], values, self.idx, self.keep_t, self.n, self.m)
+            else:
+                backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m,
+                                          self.out_features, self.in_features,
+                                          layer=f"SparseLinear({self.in_features}, {self.out_features})")
+                ops = backend.prepare(values, self.idx, self.keep_t, self.n, self.m)
+        self._cache = (mask_key, value_key, backend, ops) if self.cache_operands else None
         return backend, ops
 
     def release_operands(self) -> None:

@@ -1,0 +1,68 @@
+"""cuSPARSELt backend == reference backend on LLM-like shapes (run on a GPU)."""
+import pytest
+import torch
+
+from dsparse import SparseLinear
+from dsparse.backends import cusparselt as cslt
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(512, 1024, 2816), (1000, 4096, 4096), (2048, 4096, 1024)]  # tokens, in, out
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _pair(inp, out, dtype, **kwargs):
+    torch.manual_seed(0)
+    fast = SparseLinear(inp, out, backend="cusparselt", **kwargs).to("cuda", dtype)
+    ref = SparseLinear(inp, out, backend="reference", **kwargs).to("cuda", dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def _check(fast, ref, tokens, dtype, tol=1e-2):
+    x = torch.randn(tokens, fast.in_features, device="cuda", dtype=dtype)
+    dy = torch.randn(tokens, fast.out_features, device="cuda", dtype=dtype)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [layer(xi) for layer, xi in zip((fast, ref), xs)]
+    assert ys[0].is_contiguous() and ys[0].shape == ys[1].shape
+    assert _rel(ys[0], ys[1]) < tol
+    for y in ys:
+        y.backward(dy)
+    assert _rel(xs[0].grad, xs[1].grad) < tol
+    assert _rel(fast.values.grad, ref.values.grad) < tol
+    assert _rel(fast.bias.grad, ref.bias.grad) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens, inp, out", SHAPES)
+def test_cusparselt_matches_reference(tokens, inp, out, dtype):
+    fast, ref = _pair(inp, out, dtype)
+    _check(fast, ref, tokens, dtype)
+
+
+def test_compressed_layout_allows_in_place_refresh():
+    assert cslt._inplace_layout_ok(torch.bfloat16, torch.device("cuda"))
+    assert cslt._inplace_layout_ok(torch.float16, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_refresh_after_steps_and_mask_changes_and_zero_values(dtype):
+    """Operands refreshed in place after steps and mask changes equal freshly built ones."""
+    fast, ref = _pair(1024, 1024, dtype, mask_change_freq=2)
+    opt = torch.optim.SGD(fast.parameters(), lr=0.05)
+    for step in range(5):
+        x = torch.randn(256, 1024, device="cuda", dtype=dtype)
+        fast(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 2:  # kept values that are exactly zero must stay in their slots
+            with torch.no_grad():
+                fast.values[:, ::3] = 0
+        ref.load_state_dict(fast.state_dict())
+        _check(fast, ref, 256, dtype)
+        for layer in (fast, ref):
+            layer.zero_grad()
+    assert fast.step == 5
