@@ -1,25 +1,35 @@
 """Choose, per GEMM shape, the fastest cuSPARSELt algorithm and result layout; cache the plans.
 
 For each product (role fwd or dx, tokens, k, n, dtype) every algorithm id cuSPARSELt
-offers is timed with both result layouts (kernels only, replayed as CUDA graphs); the
-winner is installed with :func:`dsparse.backends.plans.set_plan` and all plans go to a
-JSON file keyed by GPU and versions, which :func:`dsparse.backends.plans.load_plans`
-reads back. The full table of timings goes to ``bench/results/tune_<gpu>.json``.
+offers is timed with both result layouts, run as dsparse runs them (``_sparse_mm``: the
+cached-plan binding where it works, the transpose copy for untransposed results): a short
+eager screen of all of them, then the few near the best and the default (algorithm 0,
+untransposed) again as CUDA graphs (kernels only). The winner is installed with
+:func:`dsparse.backends.plans.set_plan`; after every product all plans (merged into the
+existing file) go to a JSON file keyed by GPU and versions, which
+:func:`dsparse.backends.plans.load_plans` reads back. The full table of timings goes to
+``bench/results/tune_<gpu>.json``.
 
     python -m bench.tune --shapes 4096x4096,4096x11008 --tokens 8192 --dtypes bf16
 """
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
 import torch
 
 from bench.common import gpu_tag, time_ms, write_result
 from dsparse import nm
 from dsparse.backends import plans
-from dsparse.backends.cusparselt import _compress_slots
+from dsparse.backends.cusparselt import _compress_slots, _sparse_mm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SCREEN = {"warmup": 1, "iters": 3, "inner": 1}  # every candidate, eager
+FINAL = {"warmup": 2, "iters": 7, "inner": 5, "graph": True}  # the finalists
+FINALISTS, NEAR = 4, 1.10  # re-time up to this many screened candidates within 10% of the fastest
+MAX_ALGS = 64  # algorithm ids are tried from 0 until cuSPARSELt refuses one; at most this many
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -27,35 +37,40 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
-def max_alg_id(packed: torch.Tensor, dense_t: torch.Tensor) -> int:
-    return int(torch._C._cusparselt.mm_search(packed, dense_t, None, None, None, False)[3])
-
-
 def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype) -> tuple[plans.Plan, list[dict]]:
-    """Time every (alg_id, layout) of ``A (rows, k) 2:4 @ Xᵀ`` with ``X (tokens, k)``."""
+    """Time every (alg_id, layout) of ``A (rows, k) 2:4 @ Xᵀ`` with ``X (tokens, k)``: screen, then finalists."""
     w = torch.randn(rows, k, device="cuda", dtype=dtype)
     idx = nm.kept_positions(nm.nm_mask(w.abs().float(), 2, 4), 2, 4)
     packed = _compress_slots(nm.gather_kept(w, idx, 4), idx)
     x = torch.randn(tokens, k, device="cuda", dtype=dtype)
+
+    def timed(alg: int, transpose: bool, reps: dict) -> float:
+        plan = plans.Plan(alg, transpose)
+        return time_ms(lambda: _sparse_mm(packed, x, None, plan), **reps)
+
     rows_out = []
-    for alg in range(max_alg_id(packed, x.t()) + 1):
-        for transpose in (False, True):
-            def run(alg=alg, transpose=transpose):
-                out = torch._cslt_sparse_mm(packed, x.t(), transpose_result=transpose, alg_id=alg)
-                return out if transpose else out.t().contiguous()
+    for transpose in (False, True):
+        for alg in range(MAX_ALGS):
+            row = {"alg_id": alg, "transpose_result": transpose}
             try:
-                ms = time_ms(run, warmup=2, iters=5, inner=3, graph=True)
-            except RuntimeError as e:  # an algorithm this shape does not support
-                rows_out.append({"alg_id": alg, "transpose_result": transpose, "error": str(e).splitlines()[0]})
-                continue
-            rows_out.append({"alg_id": alg, "transpose_result": transpose, "ms": ms})
-    timed = [r for r in rows_out if "ms" in r]
-    best = min(timed, key=lambda r: r["ms"])
+                row["screen_ms"] = timed(alg, transpose, SCREEN)
+            except RuntimeError as e:
+                if "cusparseLtMatmulAlgSetAttribute" in str(e):  # past this layout's last algorithm id
+                    break
+                row["error"] = str(e).splitlines()[0]  # an algorithm this shape does not support
+            rows_out.append(row)
+    screened = sorted((r for r in rows_out if "screen_ms" in r), key=lambda r: r["screen_ms"])
+    finalists = [r for r in screened[:FINALISTS] if r["screen_ms"] <= NEAR * screened[0]["screen_ms"]]
+    if "screen_ms" in rows_out[0] and rows_out[0] not in finalists:  # the default (alg 0, untransposed), to compare
+        finalists.append(rows_out[0])
+    for r in finalists:
+        r["ms"] = timed(r["alg_id"], r["transpose_result"], FINAL)
+    best = min((r for r in rows_out if "ms" in r), key=lambda r: r["ms"])
     return plans.Plan(best["alg_id"], best["transpose_result"]), rows_out
 
 
-def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str]) -> list[dict]:
-    """Tune both sparse products of every linear shape; installs the winning plans."""
+def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str], path: str) -> list[dict]:
+    """Tune both sparse products of every linear shape; installs the winning plans and saves them to ``path``."""
     table = []
     for in_f, out_f in shapes:
         for tokens in tokens_list:
@@ -63,14 +78,16 @@ def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str
                 dtype = DTYPES[dname]
                 # forward: W (out, in) @ Xᵀ ; input gradient: W̃ᵀ (in, out) @ dYᵀ
                 for role, rows, k in (("fwd", out_f, in_f), ("dx", in_f, out_f)):
+                    start = time.perf_counter()
                     plan, timings = tune_product(rows, k, tokens, dtype)
                     plans.set_plan(role, tokens, k, rows, dtype, plan)
-                    default = next(t["ms"] for t in timings if t["alg_id"] == 0 and not t["transpose_result"])
+                    plans.save_plans(path)
+                    default = timings[0].get("ms", float("nan"))  # alg 0, untransposed
                     best = min(t["ms"] for t in timings if "ms" in t)
                     table.append({"role": role, "tokens": tokens, "k": k, "n": rows, "dtype": dname,
                                   "plan": vars(plan), "default_ms": default, "best_ms": best, "timings": timings})
-                    print(f"{role:3s} T={tokens:6d} k={k:6d} n={rows:6d} {dname}: default {default:.3f} ms, "
-                          f"best {best:.3f} ms with {plan}", flush=True)
+                    print(f"{role:3s} T={tokens:6d} k={k:6d} n={rows:6d} {dname}: default {default:.3f} ms, best "
+                          f"{best:.3f} ms with {plan} (kernels; {time.perf_counter() - start:.1f} s)", flush=True)
     return table
 
 
@@ -81,9 +98,10 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp16", help="bf16 and/or fp16")
     parser.add_argument("--plans", default=None, help="plan cache to write (default: dsparse's per-GPU cache path)")
     args = parser.parse_args()
-    table = tune(parse_shapes(args.shapes), [int(t) for t in args.tokens.split(",")], args.dtypes.split(","))
     path = args.plans or plans.default_cache_path()
-    plans.save_plans(path)
+    if os.path.exists(path):  # keep the plans of shapes not tuned in this run
+        plans.load_plans(path)
+    table = tune(parse_shapes(args.shapes), [int(t) for t in args.tokens.split(",")], args.dtypes.split(","), path)
     print(f"saved {path}")
     write_result(f"bench/results/tune_{gpu_tag()}.json", {"products": table})
 

@@ -132,12 +132,21 @@ class CusparseltBackend(Backend):
 
 
 def _sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
-    """``x2d @ Aᵀ (+ bias)`` for a compressed ``A``: contiguous ``(tokens, rows of A)``."""
+    """``x2d @ Aᵀ (+ bias)`` for a compressed ``A``: contiguous ``(tokens, rows of A)``.
+
+    Runs on the cached cuSPARSELt plans of :mod:`.cslt_binding` where that binding works,
+    else on ``torch._cslt_sparse_mm`` (same descriptors and algorithm, same result).
+    """
+    from . import cslt_binding
+
     tokens = x2d.shape[0]
     pad = (-tokens) % _TOKEN_MULTIPLE
     x2d = x2d.contiguous()
     dense = torch.nn.functional.pad(x2d, (0, 0, 0, pad)) if pad else x2d
-    out = torch._cslt_sparse_mm(packed, dense.t(), bias=bias, transpose_result=plan.transpose_result,
-                                alg_id=plan.alg_id)
+    if cslt_binding.available(dense.dtype, dense.device):
+        out = cslt_binding.sparse_mm(packed, dense, bias, plan.transpose_result, plan.alg_id)
+    else:
+        out = torch._cslt_sparse_mm(packed, dense.t(), bias=bias, transpose_result=plan.transpose_result,
+                                    alg_id=plan.alg_id)
     out = out if plan.transpose_result else out.t().contiguous()
     return out[:tokens] if pad else out

@@ -13,10 +13,12 @@ State (the single source of truth; everything else derives from it):
 * optional low-rank adapter ``adapter_a`` ``(r, in)``, ``adapter_b`` ``(out, r)``:
   ``Y += (X Aᵀ) Bᵀ · alpha / r`` once ``adapter_active``.
 
-The compressed GEMM operands are derived state, rebuilt when the values change (keyed on
-the parameter's storage and version counter, so an in-place optimizer step, a ZeRO
-all-gather into its flat buffer or a ``load_state_dict`` all trigger a rebuild, and
-micro-batches between steps do not).
+The compressed GEMM operands are derived state, refreshed when the values change: after
+every optimizer step (:meth:`SparseLinear.on_optimizer_step`, called by the optimizer hook
+or the dsparse engine; DeepSpeed writes parameters through ``.data``, which no version
+counter sees), after :meth:`mark_values_changed`, and whenever the parameter's storage or
+version counter moves (``load_state_dict``, ``.to()``, in-place edits). Micro-batches
+between steps reuse them.
 """
 from __future__ import annotations
 
@@ -106,6 +108,8 @@ class SparseLinear(nn.Module):
         self.engine_managed = False  # set by dsparse.initialize: its engine, not the optimizer hook, counts steps
         self._host_step = 0  # host mirror of mask_step: the schedule never waits on the device
         self._host_adapter_active = False
+        self._generation = 0  # bumped whenever the values are known to have changed
+        self.dense_mode = False  # dense warm-up: the full dense weight trains (needs compress=False)
         self._cache: tuple[tuple, tuple, Backend, Any] | None = None
         self.reset_parameters()
         tag_owner(self._param, self)
@@ -128,14 +132,16 @@ class SparseLinear(nn.Module):
         if dense.shape != (self.out_features, self.in_features):
             raise ValueError(f"dense weight has shape {tuple(dense.shape)}, expected "
                              f"{(self.out_features, self.in_features)}")
-        mask = nm.nm_mask(dense.abs().float(), self.n, self.m)
-        self.idx.copy_(nm.kept_positions(mask, self.n, self.m))
+        self._choose_masks(dense)
         kept = nm.gather_kept(dense, self.idx, self.m)
         if self.compress:
             self.values.copy_(kept)
         else:
             self.weight.copy_(nm.scatter_kept(kept, self.idx, self.n, self.m))
         self.update_transpose_mask()
+
+    def _choose_masks(self, dense: torch.Tensor) -> None:
+        self.idx.copy_(nm.kept_positions(nm.nm_mask(dense.abs().float(), self.n, self.m), self.n, self.m))
 
     @classmethod
     def from_dense(cls, module: nn.Module, **kwargs: Any) -> "SparseLinear":
@@ -187,7 +193,7 @@ class SparseLinear(nn.Module):
         param = self._param
         mask_key = (self.keep_t.data_ptr(), self.keep_t._version, self.idx.data_ptr(), self.idx._version,
                     param.dtype, param.device)
-        value_key = (param.data_ptr(), param._version)
+        value_key = (param.data_ptr(), param._version, self._generation)
         cache = self._cache
         if cache is not None and cache[0] == mask_key and cache[1] == value_key:
             return cache[2], cache[3]
@@ -207,6 +213,10 @@ class SparseLinear(nn.Module):
         """Drop the cached derived operands (they are rebuilt on next use)."""
         self._cache = None
 
+    def mark_values_changed(self) -> None:
+        """Tell the layer its values changed behind autograd's back (refreshes the operands on next use)."""
+        self._generation += 1
+
     # ----------------------------------------------------------------- schedule
     @torch.no_grad()
     def update_transpose_mask(self) -> None:
@@ -221,12 +231,25 @@ class SparseLinear(nn.Module):
         it) satisfies ``step % freq == freq - 1``: after every ``freq``-th step.
         """
         freq = self.mask_change_freq
-        changed = freq > 0 and self._host_step % freq == freq - 1
+        changed = freq > 0 and self._host_step % freq == freq - 1 and not self.dense_mode
         if changed:
             self.update_transpose_mask()
+        self.mark_values_changed()
         self._host_step += 1
         self.mask_step.fill_(self._host_step)
         return changed
+
+    @torch.no_grad()
+    def reprune(self) -> None:
+        """Choose both masks anew from the current dense weight (the end of a dense warm-up).
+
+        Entries outside the new mask stay in the dense storage but are never used again.
+        """
+        if self.compress:
+            raise RuntimeError("reprune needs the dense weight: build the layer with compress=False")
+        self._choose_masks(self.weight)
+        self.update_transpose_mask()
+        self.mark_values_changed()
 
     @property
     def step(self) -> int:
@@ -261,6 +284,13 @@ class SparseLinear(nn.Module):
         return hasattr(self, "adapter_a")
 
     @property
+    def adapter_rank(self) -> int:
+        """The adapter's rank (0 without one); ZeRO-3 keeps the full shape in ``ds_shape``."""
+        if not self.has_adapter:
+            return 0
+        return int(getattr(self.adapter_a, "ds_shape", self.adapter_a.shape)[0])
+
+    @property
     def adapter_is_active(self) -> bool:
         return self.has_adapter and self._host_adapter_active
 
@@ -274,6 +304,8 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
+        if self.dense_mode:
+            return F.linear(x, self.weight, self.bias)
         y = _SparseLinearFunction.apply(x, self._param, self.bias, self)
         if self.adapter_is_active:
             y = y + F.linear(F.linear(x, self.adapter_a), self.adapter_b) * self.adapter_scale
@@ -293,7 +325,7 @@ class SparseLinear(nn.Module):
     def sparsity_signature(self) -> dict[str, Any]:
         """What a checkpoint must agree on to load into this layer."""
         return {"pattern": f"{self.n}:{self.m}", "in": self.in_features, "out": self.out_features,
-                "compress": self.compress, "adapter_rank": self.adapter_a.shape[0] if self.has_adapter else 0}
+                "compress": self.compress, "adapter_rank": self.adapter_rank}
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -301,5 +333,5 @@ class SparseLinear(nn.Module):
         if not self.compress:
             text += ", compress=False"
         if self.has_adapter:
-            text += f", adapter_rank={self.adapter_a.shape[0]}, adapter_active={self._host_adapter_active}"
+            text += f", adapter_rank={self.adapter_rank}, adapter_active={self._host_adapter_active}"
         return text

@@ -1,0 +1,28 @@
+"""Triton kernels for dsparse's 2:4 double-pruned (SLoPe) training.
+
+* :func:`transpose_values` — W̃ᵀ's compressed values from W's kept values in one pass
+  (the per-step refresh of the cuSPARSELt operand; ``out=`` writes into its values region).
+* :func:`transpose_keep_and_slots` — W̃ᵀ's ``keep_t`` and ``slots_t`` in one pass (at mask
+  changes), bit-identical to ``nm.transpose_keep`` + ``cusparselt.transpose_slots``.
+* :func:`lowrank_addmm` — ``y + scale * (u @ bᵀ) (+ bias)`` fused, fp32 accumulation.
+* :func:`bias_add` — ``y + bias`` (the r = 0 path of :func:`lowrank_addmm`).
+
+Each has a pure-torch ``*_reference`` next to it. The kernels run compiled on CUDA
+tensors and through the Triton interpreter on CPU tensors (tests only: slow), whatever
+``TRITON_INTERPRET`` said when this package was imported (see :mod:`kernels._triton`).
+None of them builds an autograd graph.
+"""
+from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference
+from .masks import transpose_keep_and_slots, transpose_keep_and_slots_reference
+from .refresh import transpose_values, transpose_values_reference
+
+__all__ = [
+    "transpose_values",
+    "transpose_values_reference",
+    "transpose_keep_and_slots",
+    "transpose_keep_and_slots_reference",
+    "lowrank_addmm",
+    "lowrank_addmm_reference",
+    "bias_add",
+    "bias_add_reference",
+]

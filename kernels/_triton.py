@@ -1,0 +1,111 @@
+"""Launch plumbing shared by the kernels: compiled on CUDA tensors, interpreted on CPU ones.
+
+``triton.jit`` decides between the compiler and the interpreter once, when the kernel is
+defined, from ``TRITON_INTERPRET``. That makes the result depend on import order (a CPU
+test process that imported :mod:`kernels` before setting the variable could not run the
+kernels at all). :class:`DualKernel` keeps both: tensors on a CUDA device go through the
+compiled kernel (or through the interpreter when ``TRITON_INTERPRET=1``, as triton does),
+tensors on the CPU always through the interpreter, whatever the variable said at import.
+
+Kernels wrapped this way must not call other ``@triton.jit`` functions (those would be
+bound to one mode only); they inline everything.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = ["DualKernel", "check_same_device", "check_2d", "device_guard", "capture_launches", "compile_offline"]
+
+_captured: list | None = None
+
+
+class DualKernel:
+    """A Triton kernel runnable on CUDA tensors (compiled) and CPU tensors (interpreted)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.jitted = triton.jit(fn)  # an InterpretedFunction itself under TRITON_INTERPRET=1
+        self._interpreted: InterpretedFunction | None = None
+
+    def for_device(self, device: torch.device):
+        if device.type == "cpu" and not isinstance(self.jitted, InterpretedFunction):
+            if self._interpreted is None:
+                self._interpreted = InterpretedFunction(self.fn)
+            return self._interpreted
+        return self.jitted
+
+    def is_interpreted(self, device: torch.device) -> bool:
+        """Whether launches on ``device`` go through the Triton interpreter."""
+        return isinstance(self.for_device(device), InterpretedFunction)
+
+    def launch(self, device: torch.device, grid: Sequence[int], *args: Any, **kwargs: Any) -> None:
+        if _captured is not None:
+            _captured.append((self, tuple(grid), args, kwargs))
+            return
+        with device_guard(device):
+            self.for_device(device)[tuple(grid)](*args, **kwargs)
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for the launch (triton launches on the current CUDA device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def check_same_device(what: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{what}: {name} is on {t.device} but the other operands are on {ref.device}")
+    if ref.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{what}: runs on CUDA tensors (or CPU tensors through the Triton interpreter), "
+                         f"not on {ref.device}")
+
+
+def check_2d(what: str, name: str, t: torch.Tensor, shape: tuple[int, int] | None = None,
+             dtypes: Sequence[torch.dtype] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{what}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{what}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{what}: {name} must be of dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record ``(kernel, grid, args, kwargs)`` of every launch instead of running it (for :func:`compile_offline`)."""
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+def compile_offline(kernel: DualKernel, args: Sequence[Any], kwargs: dict[str, Any], arch: int = 90):
+    """Compile a captured launch for ``sm_<arch>`` down to a cubin, without a GPU.
+
+    Specializes the arguments exactly as a real launch would (ints equal to 1, 16-byte
+    alignment and divisibility), so the TTGIR/PTX it returns is what the GPU would run.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    fn = JITFunction(kernel.fn)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)

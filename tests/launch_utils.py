@@ -1,0 +1,50 @@
+"""Start real multi-process DeepSpeed runs from tests: the deepspeed launcher, mpiexec, or one process."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _bin(name: str) -> str:
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    return local if os.path.exists(local) else (shutil.which(name) or name)
+
+
+def run(how: str, script: str, args: list[str], timeout: int = 600, ranks: int = 2) -> subprocess.CompletedProcess:
+    """Run ``script`` with ``how`` in {"deepspeed", "mpiexec", "single"}; raise with the log on failure."""
+    env = _env()
+    port = free_port()
+    if how == "deepspeed":
+        cmd = [_bin("deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
+    elif how == "mpiexec":
+        env["MASTER_PORT"] = str(port)
+        cmd = [_bin("mpiexec"), "-n", str(ranks), sys.executable, script, *args]
+    else:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, script, *args]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
