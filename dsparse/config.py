@@ -87,6 +87,7 @@ class SparsityConfig:
     skip_incompatible: bool = False  # log-and-skip layers that cannot be sparsified instead of raising
     backend: str = "auto"
     mask_change_freq: int = 100
+    double_prune: bool = True  # False: dX uses (M⊙W)ᵀ itself, a dense GEMM (single-pruned static N:M)
     compress: bool = True
     dense_warmup_steps: int = 0
     total_steps: int | None = None

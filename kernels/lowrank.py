@@ -32,8 +32,8 @@ def _lowrank_addmm_kernel(
     HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
 ):
-    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rt = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # T * out may pass 2**31
+    rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mt = rt < T
     mn = rn < N
     acc = tl.full([BLOCK_T, BLOCK_N], 0.0, dtype=tl.float32)

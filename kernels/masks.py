@@ -42,7 +42,7 @@ def _transpose_keep_and_slots_kernel(
     g0 = tl.program_id(1) * BLOCK_G
 
     # ---- W's side: rows 4h + r, kept columns 2g + k; contiguous row segments split into k = 0, 1
-    hw = (h0 + tl.arange(0, BLOCK_H))[:, None]
+    hw = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None]  # int64: row offsets may pass 2**31
     cw = (2 * g0 + tl.arange(0, 2 * BLOCK_G))[None, :]
     mw = (hw < n_h) & (cw < 2 * n_g)
     # key: |value|'s float32 bits (monotone for non-negative floats), every NaN above +inf
@@ -125,7 +125,7 @@ def _transpose_keep_and_slots_kernel(
 
     # ---- W̃ᵀ's side: rows 4g + c, columns 2h + j of slots_t
     scode = tl.trans(scode)  # [BLOCK_G, BLOCK_H]
-    gt = (g0 + tl.arange(0, BLOCK_G))[:, None]
+    gt = (g0 + tl.arange(0, BLOCK_G)).to(tl.int64)[:, None]
     ct = (2 * h0 + tl.arange(0, 2 * BLOCK_H))[None, :]
     mt = (gt < n_g) & (ct < 2 * n_h)
     for c in tl.static_range(4):

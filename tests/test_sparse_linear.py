@@ -222,3 +222,14 @@ def test_cusparselt_on_cpu_is_refused_with_reason():
 def test_input_width_mismatch():
     with pytest.raises(ValueError, match="expects 16"):
         SparseLinear(16, 8)(torch.randn(2, 12))
+
+
+def test_without_double_pruning_input_grad_uses_the_forward_mask():
+    torch.manual_seed(0)
+    layer = SparseLinear(16, 8, double_prune=False, mask_change_freq=1)
+    x = torch.randn(4, 16, requires_grad=True)
+    dy = torch.randn(4, 8)
+    layer(x).backward(dy)
+    torch.testing.assert_close(layer.effective_weight_t(), layer.effective_weight().t())
+    torch.testing.assert_close(x.grad, dy @ layer.effective_weight().detach())
+    assert not layer.on_optimizer_step()  # no W̃ᵀ mask to re-choose

@@ -27,13 +27,18 @@ class Backend(abc.ABC):
         """Why this backend cannot run a layer of this kind here, or None when it can."""
 
     @abc.abstractmethod
-    def prepare(self, values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, n: int, m: int) -> Any:
-        """Derived operands for ``W = M⊙W`` and the double-pruned ``W̃ᵀ`` built from the kept values."""
+    def prepare(self, values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, n: int, m: int, *,
+                dense_dx: bool = False) -> Any:
+        """Derived operands for ``W = M⊙W`` and the double-pruned ``W̃ᵀ`` built from the kept values.
+
+        ``dense_dx``: ``keep_t`` is not N:M along ``out`` (no double pruning), so the input
+        gradient must run as a dense GEMM.
+        """
 
     def refresh(self, ops: Any, values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, n: int,
-                m: int) -> Any:
+                m: int, *, dense_dx: bool = False) -> Any:
         """Operands after the values changed but the masks did not (may update ``ops`` in place)."""
-        return self.prepare(values, idx, keep_t, n, m)
+        return self.prepare(values, idx, keep_t, n, m, dense_dx=dense_dx)
 
     @abc.abstractmethod
     def linear(self, ops: Any, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """A ctypes binding to libcusparseLt: ``torch._cslt_sparse_mm`` on cached plans.
 
 torch 2.11's ``_cslt_sparse_mm`` creates its descriptors and runs ``cusparseLtMatmulPlanInit``
-on every call, ~0.6-0.8 ms of host time, about as long as the kernel itself. This module
+on every call, ~0.6-1.2 ms of host time, as long as the kernel itself or longer. This module
 calls the library torch loaded, with the descriptors torch 2.11 builds (so data from
 ``torch._cslt_compress`` reads identically), but keeps every plan for the life of the
 process: one plan per (thread's handle, device, m, k, n, dtype, transpose_result,
@@ -40,7 +40,7 @@ _OP_N, _OP_T = 0, 1  # cusparseOperation_t
 _SPARSITY_50_PERCENT = 0  # cusparseLtSparsity_t
 _COMPUTE_32F = 2  # cusparseComputeType
 _ALG_DEFAULT = 0  # cusparseLtMatmulAlg_t
-_ALG_CONFIG_ID = 0  # cusparseLtMatmulAlgAttribute_t
+_ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID = 0, 1  # cusparseLtMatmulAlgAttribute_t
 _BIAS_POINTER = 8  # cusparseLtMatmulDescAttribute_t
 _MAJOR, _MINOR, _PATCH = 0, 1, 2  # libraryPropertyType
 
@@ -55,6 +55,7 @@ _SIGNATURES: dict[str, list] = {
     "cusparseLtMatmulDescSetAttribute": [_P, _P, c_int, _P, c_size_t],
     "cusparseLtMatmulAlgSelectionInit": [_P, _P, _P, c_int],
     "cusparseLtMatmulAlgSetAttribute": [_P, _P, c_int, _P, c_size_t],
+    "cusparseLtMatmulAlgGetAttribute": [_P, _P, c_int, _P, c_size_t],
     "cusparseLtMatmulAlgSelectionDestroy": [_P],
     "cusparseLtMatmulPlanInit": [_P, _P, _P, _P],
     "cusparseLtMatmulGetWorkspace": [_P, _P, POINTER(c_size_t)],
@@ -137,6 +138,36 @@ def _load() -> str | None:
     return None
 
 
+def _describe(handle: int, base: int, m: int, k: int, n: int, dtype: torch.dtype, transpose_result: bool,
+              bias_ptr: int, made: list[tuple[str, int]]) -> int:
+    """Initialise at ``base`` the descriptors torch 2.11 makes for ``compressed_A (m, k)`` and
+    ``dense_B = X.t()`` with ``X (n, k)`` contiguous, a matmul descriptor and an algorithm selection
+    (what needs destroying goes to ``made``); returns how many algorithm ids cuSPARSELt offers."""
+    sparse, dense, out, matmul, alg_sel = (base + i * _OPAQUE for i in range(5))
+    vtype = _VALUE_TYPES[dtype]
+    _call("cusparseLtStructuredDescriptorInit", handle, sparse, m, k, k, 16, vtype, _ORDER_ROW, _SPARSITY_50_PERCENT)
+    made.append(("cusparseLtMatDescriptorDestroy", sparse))
+    _call("cusparseLtDenseDescriptorInit", handle, dense, n, k, k, 16, vtype, _ORDER_ROW)
+    made.append(("cusparseLtMatDescriptorDestroy", dense))
+    _call("cusparseLtDenseDescriptorInit", handle, out, m, n, m if transpose_result else n, 16, vtype,
+          _ORDER_COL if transpose_result else _ORDER_ROW)
+    made.append(("cusparseLtMatDescriptorDestroy", out))
+    _call("cusparseLtMatmulDescriptorInit", handle, matmul, _OP_N, _OP_T, sparse, dense, out, out, _COMPUTE_32F)
+    if bias_ptr:
+        cell = c_void_p(bias_ptr)
+        _call("cusparseLtMatmulDescSetAttribute", handle, matmul, _BIAS_POINTER, ctypes.addressof(cell), 8)
+    _call("cusparseLtMatmulAlgSelectionInit", handle, alg_sel, matmul, _ALG_DEFAULT)
+    made.append(("cusparseLtMatmulAlgSelectionDestroy", alg_sel))
+    count = c_int()
+    _call("cusparseLtMatmulAlgGetAttribute", handle, alg_sel, _ALG_CONFIG_MAX_ID, ctypes.addressof(count), 4)
+    return count.value
+
+
+def _destroy(made: list[tuple[str, int]]) -> None:
+    for name, ptr in reversed(made):
+        getattr(_lib, name)(ptr)
+
+
 class _Plan:
     """Descriptors, algorithm selection and plan of one product; kept (never destroyed) once made."""
 
@@ -145,37 +176,18 @@ class _Plan:
     def __init__(self, handle: int, m: int, k: int, n: int, dtype: torch.dtype, transpose_result: bool,
                  alg_id: int, bias_ptr: int):
         self._buffer, base = _aligned(6)
-        sparse, dense, out, self.matmul, alg_sel, self.plan = (base + i * _OPAQUE for i in range(6))
-        vtype = _VALUE_TYPES[dtype]
-        made: list[tuple[str, int]] = []  # destroyed again if a later step fails
+        self.matmul, alg_sel, self.plan = (base + i * _OPAQUE for i in (3, 4, 5))
+        made: list[tuple[str, int]] = []  # destroyed again if a step fails
         try:
-            # as torch 2.11 for compressed_A (m, k) and dense_B = X.t() with X (n, k) contiguous:
-            _call("cusparseLtStructuredDescriptorInit", handle, sparse, m, k, k, 16, vtype, _ORDER_ROW,
-                  _SPARSITY_50_PERCENT)
-            made.append(("cusparseLtMatDescriptorDestroy", sparse))
-            _call("cusparseLtDenseDescriptorInit", handle, dense, n, k, k, 16, vtype, _ORDER_ROW)
-            made.append(("cusparseLtMatDescriptorDestroy", dense))
-            _call("cusparseLtDenseDescriptorInit", handle, out, m, n, m if transpose_result else n, 16, vtype,
-                  _ORDER_COL if transpose_result else _ORDER_ROW)
-            made.append(("cusparseLtMatDescriptorDestroy", out))
-            _call("cusparseLtMatmulDescriptorInit", handle, self.matmul, _OP_N, _OP_T, sparse, dense, out, out,
-                  _COMPUTE_32F)
-            if bias_ptr:
-                cell = c_void_p(bias_ptr)
-                _call("cusparseLtMatmulDescSetAttribute", handle, self.matmul, _BIAS_POINTER,
-                      ctypes.addressof(cell), ctypes.sizeof(cell))
-            _call("cusparseLtMatmulAlgSelectionInit", handle, alg_sel, self.matmul, _ALG_DEFAULT)
-            made.append(("cusparseLtMatmulAlgSelectionDestroy", alg_sel))
-            alg = c_int(alg_id)
-            _call("cusparseLtMatmulAlgSetAttribute", handle, alg_sel, _ALG_CONFIG_ID, ctypes.addressof(alg),
-                  ctypes.sizeof(alg))
+            _describe(handle, base, m, k, n, dtype, transpose_result, bias_ptr, made)
+            alg = c_int(alg_id)  # as torch: not checked against alg_count (see there)
+            _call("cusparseLtMatmulAlgSetAttribute", handle, alg_sel, _ALG_CONFIG_ID, ctypes.addressof(alg), 4)
             _call("cusparseLtMatmulPlanInit", handle, self.plan, self.matmul, alg_sel)
             made.append(("cusparseLtMatmulPlanDestroy", self.plan))
             size = c_size_t()
             _call("cusparseLtMatmulGetWorkspace", handle, self.plan, byref(size))
         except RuntimeError:
-            for name, ptr in reversed(made):
-                getattr(_lib, name)(ptr)
+            _destroy(made)
             raise
         self.workspace = size.value
 
@@ -237,6 +249,28 @@ def sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None
     _call("cusparseLtMatmul", state.handle, plan.plan, _ALPHA, packed.data_ptr(), x2d.data_ptr(), _BETA,
           out.data_ptr(), out.data_ptr(), None if workspace is None else workspace.data_ptr(), state.stream_ptr, 1)
     return out
+
+
+def alg_count(m: int, k: int, n: int, dtype: torch.dtype, transpose_result: bool) -> int:
+    """How many algorithm ids (0 .. count - 1) cuSPARSELt offers for :func:`sparse_mm` of this shape
+    on the current device (``CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID``).
+
+    Not every id below the count works: on an H100 (cuSPARSELt 0.8.0) fp16 with a transposed
+    result reports 52 against 27 untransposed (bf16: 21 and 21); ids up to 27 ran correctly there,
+    but 51 broke the CUDA context and trying the ids from 28 up crashed a tuning run (illegal
+    instruction). Like torch, :func:`sparse_mm` runs any id cuSPARSELt accepts.
+    """
+    device = torch.cuda.current_device()
+    reason = unavailable_reason(dtype, torch.device("cuda", device))
+    if reason is not None:
+        raise RuntimeError(f"cuSPARSELt binding unavailable: {reason}")
+    state = _state(device)
+    _buffer, base = _aligned(5)
+    made: list[tuple[str, int]] = []
+    try:
+        return _describe(state.handle, base, m, k, n, dtype, transpose_result, 0, made)
+    finally:
+        _destroy(made)
 
 
 def _self_check(dtype: torch.dtype, device: torch.device) -> str | None:

@@ -26,7 +26,7 @@ class ReferenceBackend(Backend):
             return f"dtype {dtype} is not a floating-point type"
         return None
 
-    def prepare(self, values, idx, keep_t, n, m) -> DenseOperands:
+    def prepare(self, values, idx, keep_t, n, m, *, dense_dx=False) -> DenseOperands:
         weight = nm.dense_from_kept(values, idx, n, m)
         weight_dx = nm.dense_transpose_from_kept(values, idx, keep_t, n, m).t()
         return DenseOperands(weight, weight_dx)

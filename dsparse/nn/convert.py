@@ -61,6 +61,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
                                  "float16 or bfloat16 weights")
             sparse = SparseLinear.from_dense(module, pattern=f"{n}:{m}", backend=config.backend,
                                              mask_change_freq=config.mask_change_freq, compress=config.compress,
+                                             double_prune=config.double_prune,
                                              cache_operands=cache_operands)
         except ValueError as e:
             if config.skip_incompatible:

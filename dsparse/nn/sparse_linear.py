@@ -75,13 +75,15 @@ class SparseLinear(nn.Module):
             multiple of M (the double pruning groups along ``out``).
         backend: ``"auto"``, ``"reference"`` or ``"cusparselt"``.
         mask_change_freq: re-choose ``W̃ᵀ``'s mask every this many optimizer steps (0: never).
+        double_prune: False skips the second pruning: the input gradient uses ``(M⊙W)ᵀ``
+            itself, through a dense GEMM (static single-pruned N:M, for comparisons).
         compress: False keeps a dense ``weight`` parameter (same numbers; for debugging).
         cache_operands: keep the derived GEMM operands between uses (False for ZeRO-3, where
             a layer's values exist only while gathered).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, pattern: str = "2:4",
-                 backend: str = "auto", mask_change_freq: int = 100, compress: bool = True,
+                 backend: str = "auto", mask_change_freq: int = 100, double_prune: bool = True, compress: bool = True,
                  cache_operands: bool = True, device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.n, self.m = nm.parse_pattern(pattern)
@@ -92,6 +94,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.backend = check_backend_name(backend)
         self.mask_change_freq = int(mask_change_freq)
+        self.double_prune = bool(double_prune)
         self.compress = bool(compress)
         self.cache_operands = cache_operands
         factory = {"device": device, "dtype": dtype}
@@ -200,12 +203,13 @@ class SparseLinear(nn.Module):
         with torch.no_grad():
             values = self.kept_values().detach()
             if cache is not None and cache[0] == mask_key:
-                backend, ops = cache[2], cache[2].refresh(cache[3], values, self.idx, self.keep_t, self.n, self.m)
+                backend, ops = cache[2], cache[2].refresh(cache[3], values, self.idx, self.keep_t, self.n, self.m,
+                                                          dense_dx=not self.double_prune)
             else:
                 backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m,
                                           self.out_features, self.in_features,
                                           layer=f"SparseLinear({self.in_features}, {self.out_features})")
-                ops = backend.prepare(values, self.idx, self.keep_t, self.n, self.m)
+                ops = backend.prepare(values, self.idx, self.keep_t, self.n, self.m, dense_dx=not self.double_prune)
         self._cache = (mask_key, value_key, backend, ops) if self.cache_operands else None
         return backend, ops
 
@@ -221,6 +225,9 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def update_transpose_mask(self) -> None:
         """Re-choose ``W̃ᵀ``'s mask by magnitude from the current values (deterministic ties)."""
+        if not self.double_prune:
+            self.keep_t.fill_(True)
+            return
         self.keep_t.copy_(nm.transpose_keep(self.kept_values(), self.idx, self.n, self.m))
 
     @torch.no_grad()
@@ -230,7 +237,7 @@ class SparseLinear(nn.Module):
         As in the SLoPe reference, the mask changes after the step whose count (before
         it) satisfies ``step % freq == freq - 1``: after every ``freq``-th step.
         """
-        freq = self.mask_change_freq
+        freq = self.mask_change_freq if self.double_prune else 0
         changed = freq > 0 and self._host_step % freq == freq - 1 and not self.dense_mode
         if changed:
             self.update_transpose_mask()
@@ -325,13 +332,15 @@ class SparseLinear(nn.Module):
     def sparsity_signature(self) -> dict[str, Any]:
         """What a checkpoint must agree on to load into this layer."""
         return {"pattern": f"{self.n}:{self.m}", "in": self.in_features, "out": self.out_features,
-                "compress": self.compress, "adapter_rank": self.adapter_rank}
+                "compress": self.compress, "double_prune": self.double_prune, "adapter_rank": self.adapter_rank}
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"pattern={self.n}:{self.m}, backend={self.backend}, mask_change_freq={self.mask_change_freq}")
         if not self.compress:
             text += ", compress=False"
+        if not self.double_prune:
+            text += ", double_prune=False"
         if self.has_adapter:
             text += f", adapter_rank={self.adapter_rank}, adapter_active={self._host_adapter_active}"
         return text

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels import bias_add, lowrank_addmm, transpose_keep_and_slots, transpose_values
-from kernels._testing import random_kept
+from kernels._testing import random_keep_and_slots, random_kept
 from kernels._triton import capture_launches, compile_offline
 
 nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
@@ -35,6 +35,7 @@ def _weight(dtype):
 def test_transpose_values_compiles(arch):
     values, idx, keep_t, slots_t = _weight(torch.bfloat16)
     _compile(lambda: transpose_values(values, idx, keep_t, slots_t), arch)
+    _compile(lambda: transpose_values(values, idx, keep_t, slots_t, values_out=torch.empty_like(values)), arch)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -58,3 +59,18 @@ def test_lowrank_addmm_compiles(arch, dtype):
 def test_bias_add_compiles():
     y = torch.zeros(64, 96, dtype=torch.float16)
     _compile(lambda: bias_add(y, torch.zeros(96, dtype=torch.float16)), 90)
+
+
+def test_small_test_configs_compile():
+    """The tiny tile configs the correctness tests use on CUDA (1 warp, partial tiles) compile too."""
+    values, idx = random_kept(48, 80, torch.float64, "cpu", "randn")
+    keep_t, slots_t = random_keep_and_slots(48, 80)
+    _compile(lambda: transpose_values(values, idx, keep_t, slots_t,
+                                      config={"BLOCK_H": 4, "BLOCK_G": 8, "num_warps": 1}), 90)
+    values, idx = random_kept(48, 80, torch.float16, "cpu", "ties")
+    _compile(lambda: transpose_keep_and_slots(values, idx, config={"BLOCK_H": 2, "BLOCK_G": 8, "num_warps": 1}), 90)
+    y = torch.zeros(50, 72, dtype=torch.bfloat16)
+    u = torch.zeros(50, 70, dtype=torch.bfloat16)
+    b = torch.zeros(72, 70, dtype=torch.bfloat16)
+    _compile(lambda: lowrank_addmm(y, u, b, 0.5, config={"BLOCK_T": 16, "BLOCK_N": 32, "num_warps": 1}), 90,
+             IEEE=False)

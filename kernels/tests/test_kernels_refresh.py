@@ -76,6 +76,21 @@ def test_out_into_compressed_values_region(device):
     assert bool((packed[cols * rows // 2:] == 7.0).all()), "wrote past the values region"
 
 
+def test_values_out_copies_w_values(device):
+    """``values_out``: W's values region filled in the same pass (the whole refresh in one kernel)."""
+    rows, cols = 48, 80
+    values, idx, keep_t, slots_t = _double_pruned(rows, cols, torch.bfloat16, device, seed=9)
+    w_packed = torch.zeros(rows * cols // 2 + 64, dtype=values.dtype, device=device)
+    wt_packed = torch.zeros(rows * cols // 2 + 64, dtype=values.dtype, device=device)
+    w_region = w_packed[: rows * cols // 2].view(rows, cols // 2)
+    wt_region = wt_packed[: rows * cols // 2].view(cols, rows // 2)
+    transpose_values(values, idx, keep_t, slots_t, out=wt_region, values_out=w_region,
+                     config={"BLOCK_H": 4, "BLOCK_G": 4, "num_warps": 1})
+    assert torch.equal(bits(w_region), bits(values))
+    assert torch.equal(bits(wt_region), bits(_transpose_values(values, idx, keep_t, slots_t)))
+    assert bool((w_packed[rows * cols // 2:] == 0).all()) and bool((wt_packed[rows * cols // 2:] == 0).all())
+
+
 def test_strided_operands(device):
     """Non-contiguous inputs and a transposed ``out`` view."""
     values, idx, keep_t, slots_t = _double_pruned(32, 48, torch.bfloat16, device, seed=8)
@@ -103,3 +118,5 @@ def test_validation():
         transpose_values(values.to(torch.int32), idx, keep_t, slots_t)
     with pytest.raises(ValueError, match="2-D"):
         transpose_values(values[None], idx, keep_t, slots_t)
+    with pytest.raises(ValueError, match=r"values_out must have shape \(16, 16\)"):
+        transpose_values(values, idx, keep_t, slots_t, values_out=torch.empty(16, 8))

@@ -45,6 +45,12 @@ def test_binding_is_available(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_alg_count_covers_tuned_algorithm(dtype):
+    for transpose in (False, True):
+        assert cslt_binding.alg_count(4096, 4096, 8192, dtype, transpose) > TUNED_ALG[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, k, tokens", SHAPES)
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])

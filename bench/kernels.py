@@ -1,0 +1,222 @@
+"""The Triton kernels (kernels/) against the torch code they replace, on one GPU.
+
+* ``transpose_values`` (the per-step refresh of W̃ᵀ's compressed values) vs
+  ``cusparselt._transpose_values``, plus a small sweep of tile configs, and the whole
+  backend refresh (both values regions: ``out=`` + ``values_out=``) vs today's two copies;
+* ``transpose_keep_and_slots`` (mask change) vs ``nm.transpose_keep`` + ``transpose_slots``;
+* ``lowrank_addmm`` (``y + scale * u @ bᵀ + bias``) vs ``torch.addmm`` (+ bias), and
+  ``bias_add`` vs ``y + bias``.
+
+Every kernel result is checked against its reference first (bit-exact for the gathers).
+Times are eager medians (``bench.common.time_ms``); GB/s counts each tensor read or
+written once.
+
+    python -m bench.kernels                      # writes bench/results/kernels_<gpu>.json
+    python -m bench.kernels --dry-run            # tiny shapes, CPU interpreter, wall-clock timer: logic check
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import gpu_tag, time_ms, write_result
+from dsparse import nm
+from dsparse.backends.cusparselt import _transpose_values, transpose_slots
+from kernels import bias_add, lowrank_addmm, transpose_keep_and_slots, transpose_values
+from kernels import lowrank as lowrank_mod
+from kernels import masks as masks_mod
+from kernels import refresh as refresh_mod
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+REFRESH_CONFIGS = [
+    {"BLOCK_H": 32, "BLOCK_G": 32, "num_warps": 8},
+    {"BLOCK_H": 32, "BLOCK_G": 32, "num_warps": 4},
+    {"BLOCK_H": 32, "BLOCK_G": 16, "num_warps": 4},
+    {"BLOCK_H": 16, "BLOCK_G": 32, "num_warps": 4},
+    {"BLOCK_H": 16, "BLOCK_G": 16, "num_warps": 4},
+    {"BLOCK_H": 64, "BLOCK_G": 32, "num_warps": 8},
+]
+MASK_CONFIGS = [
+    {"BLOCK_H": 16, "BLOCK_G": 16, "num_warps": 4},
+    {"BLOCK_H": 32, "BLOCK_G": 16, "num_warps": 4},
+    {"BLOCK_H": 32, "BLOCK_G": 32, "num_warps": 8},
+]
+LOWRANK_CONFIGS = [
+    {"BLOCK_T": 128, "BLOCK_N": 128, "num_warps": 8},
+    {"BLOCK_T": 128, "BLOCK_N": 128, "num_warps": 4},
+    {"BLOCK_T": 64, "BLOCK_N": 128, "num_warps": 4},
+    {"BLOCK_T": 128, "BLOCK_N": 64, "num_warps": 4},
+]
+
+
+def _wall_ms(fn, warmup: int = 1, iters: int = 1, **_) -> float:
+    """Stand-in timer for --dry-run (CPU): wall-clock milliseconds of one call."""
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / iters
+
+
+def _gbps(nbytes: int, ms: float) -> float:
+    return nbytes / ms / 1e6
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _best(timings: list[dict]) -> dict:
+    return min(timings, key=lambda t: t["ms"])
+
+
+def bench_refresh(in_f: int, out_f: int, dtype: torch.dtype, device: str, timer, sweep: bool) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    dense = torch.randn(out_f, in_f, generator=gen, device=device).to(dtype)
+    idx = nm.kept_positions(nm.nm_mask(dense.abs().float(), 2, 4), 2, 4)
+    values = nm.gather_kept(dense, idx, 4)
+    del dense
+    keep_t = nm.transpose_keep(values, idx, 2, 4)
+    slots_t = transpose_slots(values, idx, keep_t)
+
+    # correctness first
+    want = _transpose_values(values, idx, keep_t, slots_t)
+    assert torch.equal(transpose_values(values, idx, keep_t, slots_t), want), "transpose_values mismatch"
+    got_keep, got_slots = transpose_keep_and_slots(values, idx)
+    assert torch.equal(got_keep, keep_t) and torch.equal(got_slots, slots_t), "transpose_keep_and_slots mismatch"
+
+    # out= into the values region of a compressed-operand-sized buffer (W̃ᵀ's), values_out= into W's
+    packed = torch.empty(in_f * out_f // 2 * 9 // 8, dtype=dtype, device=device)
+    region = packed.view(-1)[: in_f * out_f // 2].view(in_f, out_f // 2)
+    packed_w = torch.empty(in_f * out_f // 2 * 9 // 8, dtype=dtype, device=device)
+    region_w = packed_w.view(-1)[: in_f * out_f // 2].view(out_f, in_f // 2)
+
+    def refresh_torch():  # what CusparseltBackend.refresh does today
+        region_w.copy_(values)
+        region.copy_(_transpose_values(values, idx, keep_t, slots_t))
+
+    moved = _nbytes(values, idx, keep_t, slots_t, want)
+    row = {
+        "refresh_torch_ms": timer(lambda: _transpose_values(values, idx, keep_t, slots_t)),
+        "refresh_torch_copy_ms": timer(lambda: region.copy_(_transpose_values(values, idx, keep_t, slots_t))),
+        "refresh_kernel_out_ms": timer(lambda: transpose_values(values, idx, keep_t, slots_t, out=region)),
+        "refresh_bytes": moved,
+        # the whole backend refresh (both operands' values regions)
+        "full_refresh_torch_ms": timer(refresh_torch),
+        "full_refresh_kernel_ms": timer(lambda: transpose_values(values, idx, keep_t, slots_t, out=region,
+                                                                 values_out=region_w)),
+    }
+    row["full_refresh_speedup"] = row["full_refresh_torch_ms"] / row["full_refresh_kernel_ms"]
+    configs = REFRESH_CONFIGS if sweep else [refresh_mod.CONFIG]
+    row["refresh_configs"] = [{"config": cfg, "ms": timer(lambda: transpose_values(values, idx, keep_t, slots_t,
+                                                                                  config=cfg))} for cfg in configs]
+    row["refresh_kernel_ms"] = next(t["ms"] for t in row["refresh_configs"] if t["config"] == refresh_mod.CONFIG) \
+        if refresh_mod.CONFIG in configs else row["refresh_configs"][0]["ms"]
+    best = _best(row["refresh_configs"])
+    row["refresh_best_config"] = best["config"]
+    row["refresh_speedup"] = row["refresh_torch_ms"] / row["refresh_kernel_ms"]
+    row["refresh_kernel_gbps"] = _gbps(moved, row["refresh_kernel_ms"])
+    row["refresh_best_gbps"] = _gbps(moved, best["ms"])
+
+    def mask_torch():
+        k = nm.transpose_keep(values, idx, 2, 4)
+        return transpose_slots(values, idx, k)
+
+    row["mask_torch_ms"] = timer(mask_torch, iters=5, inner=1) if timer is time_ms else timer(mask_torch)
+    configs = MASK_CONFIGS if sweep else [masks_mod.CONFIG]
+    row["mask_configs"] = [{"config": cfg, "ms": timer(lambda: transpose_keep_and_slots(values, idx, config=cfg))}
+                           for cfg in configs]
+    row["mask_kernel_ms"] = next(t["ms"] for t in row["mask_configs"] if t["config"] == masks_mod.CONFIG) \
+        if masks_mod.CONFIG in configs else row["mask_configs"][0]["ms"]
+    row["mask_best_config"] = _best(row["mask_configs"])["config"]
+    row["mask_speedup"] = row["mask_torch_ms"] / row["mask_kernel_ms"]
+    return row
+
+
+def bench_lowrank(tokens: int, out_f: int, rank: int, dtype: torch.dtype, device: str, timer, sweep: bool) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    y = torch.randn(tokens, out_f, generator=gen, device=device).to(dtype)
+    u = torch.randn(tokens, rank, generator=gen, device=device).to(dtype)
+    b = (torch.randn(out_f, rank, generator=gen, device=device) / rank**0.5).to(dtype)
+    bias = torch.randn(out_f, generator=gen, device=device).to(dtype)
+    scale = 0.5
+
+    want = (y.double() + scale * (u.double() @ b.double().t()) + bias.double())
+    got = lowrank_addmm(y, u, b, scale, bias)
+    ref = torch.addmm(y, u, b.t(), alpha=scale) + bias
+    row = {
+        "kernel_max_abs_err": (got.double() - want).abs().max().item(),
+        "torch_max_abs_err": (ref.double() - want).abs().max().item(),
+        "bytes": 2 * _nbytes(y) + _nbytes(u, b, bias),
+    }
+    y_work = y.clone()
+    row["torch_addmm_ms"] = timer(lambda: torch.addmm(y, u, b.t(), alpha=scale))
+    row["torch_addmm_bias_ms"] = timer(lambda: torch.addmm(y, u, b.t(), alpha=scale).add_(bias))
+    row["torch_addmm_inplace_ms"] = timer(lambda: y_work.addmm_(u, b.t(), alpha=scale))
+    configs = LOWRANK_CONFIGS if sweep else [lowrank_mod.CONFIG]
+    row["configs"] = [{"config": cfg, "ms": timer(lambda: lowrank_addmm(y, u, b, scale, config=cfg))}
+                      for cfg in configs]
+    row["kernel_ms"] = next(t["ms"] for t in row["configs"] if t["config"] == lowrank_mod.CONFIG) \
+        if lowrank_mod.CONFIG in configs else row["configs"][0]["ms"]
+    row["best_config"] = _best(row["configs"])["config"]
+    row["kernel_bias_ms"] = timer(lambda: lowrank_addmm(y, u, b, scale, bias))
+    row["kernel_inplace_ms"] = timer(lambda: lowrank_addmm(y_work, u, b, scale, inplace=True))
+    row["speedup_vs_addmm"] = row["torch_addmm_ms"] / row["kernel_ms"]
+    row["speedup_vs_addmm_bias"] = row["torch_addmm_bias_ms"] / row["kernel_bias_ms"]
+    row["kernel_gbps"] = _gbps(row["bytes"], row["kernel_ms"])
+    row["bias_add_torch_ms"] = timer(lambda: y + bias)
+    row["bias_add_kernel_ms"] = timer(lambda: bias_add(y, bias))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="4096x4096,4096x11008,8192x8192", help="in x out, comma-separated")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--lowrank", default="8192,4096,64", help="tokens,out,r")
+    parser.add_argument("--no-sweep", action="store_true", help="time the default tile configs only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU through the Triton interpreter (checks the script, times nothing)")
+    parser.add_argument("--out", default=None, help="result JSON (default bench/results/kernels_<gpu>.json)")
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    tokens, lr_out, rank = (int(v) for v in args.lowrank.split(","))
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.dry_run:
+        device, timer, sweep = "cpu", _wall_ms, not args.no_sweep
+        shapes, (tokens, lr_out, rank) = [(64, 48)], (32, 48, 8)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.kernels needs a CUDA GPU (or --dry-run to check the script on the CPU)")
+        device, timer, sweep = "cuda", time_ms, not args.no_sweep
+
+    rows = []
+    for in_f, out_f in shapes:
+        row = {"in": in_f, "out": out_f, "dtype": args.dtype,
+               **bench_refresh(in_f, out_f, dtype, device, timer, sweep)}
+        print(f"transpose_values {in_f}x{out_f} {args.dtype}: kernel {row['refresh_kernel_ms']:.3f} ms "
+              f"({row['refresh_kernel_gbps']:.0f} GB/s) vs torch {row['refresh_torch_ms']:.3f} ms "
+              f"= {row['refresh_speedup']:.1f}x; best {row['refresh_best_config']} "
+              f"{row['refresh_best_gbps']:.0f} GB/s | full refresh {row['full_refresh_kernel_ms']:.3f} vs "
+              f"{row['full_refresh_torch_ms']:.3f} ms | mask kernel {row['mask_kernel_ms']:.3f} ms vs torch "
+              f"{row['mask_torch_ms']:.3f} ms = {row['mask_speedup']:.1f}x", flush=True)
+        rows.append(row)
+    lr = {"tokens": tokens, "out": lr_out, "r": rank, "dtype": args.dtype,
+          **bench_lowrank(tokens, lr_out, rank, dtype, device, timer, sweep)}
+    print(f"lowrank_addmm T={tokens} out={lr_out} r={rank} {args.dtype}: kernel {lr['kernel_ms']:.3f} ms "
+          f"({lr['kernel_gbps']:.0f} GB/s) vs addmm {lr['torch_addmm_ms']:.3f} ms = {lr['speedup_vs_addmm']:.2f}x; "
+          f"with bias {lr['kernel_bias_ms']:.3f} vs {lr['torch_addmm_bias_ms']:.3f} ms; best {lr['best_config']}; "
+          f"max err kernel {lr['kernel_max_abs_err']:.3g} torch {lr['torch_max_abs_err']:.3g}", flush=True)
+    payload = {"refresh": rows, "lowrank": lr,
+               "defaults": {"refresh": refresh_mod.CONFIG, "mask": masks_mod.CONFIG, "lowrank": lowrank_mod.CONFIG}}
+    if args.dry_run:
+        print("dry run: nothing written")
+        return
+    write_result(args.out or f"bench/results/kernels_{gpu_tag()}.json", payload)
+
+
+if __name__ == "__main__":
+    main()

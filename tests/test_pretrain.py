@@ -1,0 +1,82 @@
+"""The main job end to end on CPU: `deepspeed launch/pretrain.py` and `mpiexec -n 2 python launch/pretrain.py`."""
+import json
+import os
+
+import pytest
+
+from launch_utils import ROOT, run
+
+SCRIPT = os.path.join(ROOT, "launch", "pretrain.py")
+SMALL = ["--model", "llama-tiny", "--seq_len", "64", "--micro_batch_size", "4", "--max_mb", "0.3",
+         "--vocab_size", "512", "--lr", "2e-3", "--eval_batches", "4", "--mask_change_freq", "3", "--log_every", "1"]
+pytestmark = pytest.mark.multirank
+
+
+def _rows(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pretrain") / "run")
+    run("deepspeed", SCRIPT, [*SMALL, "--max_steps", "12", "--eval_every", "6", "--save_every", "6",
+                              "--adapter_start", "0.75", "--output_dir", out])
+    return out
+
+
+def test_pretraining_runs_and_logs_every_phase(first_run):
+    rows = _rows(first_run)
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert sum(r["loss"] for r in train[-3:]) < sum(r["loss"] for r in train[:3])  # loss falls
+    assert [r["phase"] for r in train] == ["sparse"] * 9 + ["adapters"] * 3
+    assert all(r["tokens"] == r["step"] * 2 * 4 * 64 and r["tokens_per_s"] > 0 for r in train)
+    assert all(r["lr"] > 0 for r in train[2:]) and 1e-3 < max(r["lr"] for r in train) <= 2e-3
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [6, 12] and all(r["val_ppl"] > 1 for r in val)
+    ckpt = os.path.join(first_run, "checkpoints")
+    assert open(os.path.join(ckpt, "latest")).read().strip() == "global_step12"
+    assert os.path.exists(os.path.join(ckpt, "global_step12", "dsparse.json"))
+    assert os.path.exists(os.path.join(first_run, "loss.png"))
+    with open(os.path.join(first_run, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["deepspeed"]["sparsity"]["total_steps"] == 12 and cfg["world_size"] == 2
+    assert os.listdir(os.path.join(first_run, "tensorboard"))
+
+
+def test_resume_continues_at_the_next_step_and_data_position(first_run):
+    run("deepspeed", SCRIPT, [*SMALL, "--max_steps", "14", "--eval_every", "100", "--save_every", "100",
+                              "--adapter_start", "0.75", "--output_dir", first_run, "--resume"])
+    train = [r for r in _rows(first_run) if "loss" in r]
+    assert [r["step"] for r in train][-2:] == [13, 14]
+    ckpt = os.path.join(first_run, "checkpoints")
+    import torch
+
+    states = torch.load(os.path.join(ckpt, "global_step14", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert states["data"]["consumed_samples"] == 14 * 2 * 4  # 14 steps of 2 ranks x 4 samples, none repeated
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/no/such/config.json"], "is neither a preset"),
+    (["--dataset", "/no/such/corpus"], "dataset path '/no/such/corpus' does not exist"),
+    (["--dataset", "no-such-org/no-such-corpus"], "is neither a local path nor a reachable hub dataset"),
+    (["--seq_len", "4096"], "--seq_len 4096 exceeds the model's maximum of 2048"),
+])
+def test_bad_input_gets_a_one_line_error(tmp_path, flags, message):
+    with pytest.raises(AssertionError) as failure:
+        run("single", SCRIPT, [*SMALL, "--max_steps", "1", "--output_dir", str(tmp_path), *flags])
+    text = str(failure.value)
+    error_lines = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+    assert "Traceback" not in text
+
+
+def test_mpiexec_start_trains(tmp_path):
+    out = str(tmp_path / "mpi")
+    run("mpiexec", SCRIPT, [*SMALL, "--max_steps", "3", "--eval_every", "3", "--save_every", "3",
+                            "--output_dir", out])
+    rows = _rows(out)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["world_size"] == 2
