@@ -111,7 +111,7 @@ def main() -> None:
                       f"{row['speedup_sparse_default']['step']:.2f}x) graph fwd {s['fwd_graph']:.2f}x "
                       f"dx {s['dx_graph']:.2f}x", flush=True)
                 rows.append(row)
-    write_result(args.out or f"bench/results/layer_{gpu_tag()}.json", {"rows": rows})
+                write_result(args.out or f"bench/results/layer_{gpu_tag()}.json", {"rows": rows})  # after every row
 
 
 if __name__ == "__main__":

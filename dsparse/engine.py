@@ -25,6 +25,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 import torch.distributed as dist
 import torch.nn as nn
 
@@ -296,6 +297,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if not dist.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+    if torch.cuda.is_available() and sparsity.enabled:
+        model.to(get_accelerator().current_device_name())  # prune on the GPU (DeepSpeed moves it there anyway)
     state = SparseTraining.prepare(model, sparsity, zero_stage)
     params = state.param_groups(model, optimizer, model_parameters)
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(

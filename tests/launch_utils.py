@@ -33,10 +33,17 @@ def _bin(name: str) -> str:
 
 
 def run(how: str, script: str, args: list[str], timeout: int = 600, ranks: int = 2) -> subprocess.CompletedProcess:
-    """Run ``script`` with ``how`` in {"deepspeed", "mpiexec", "single"}; raise with the log on failure."""
+    """Run ``script`` with ``how`` in {"deepspeed", "mpiexec", "single", "bash"}; raise with the log on failure.
+
+    ``"bash"`` runs a job script (``NP`` ranks through its own mpiexec).
+    """
     env = _env()
     port = free_port()
-    if how == "deepspeed":
+    if how == "bash":
+        env.update(NP=str(ranks), MASTER_PORT=str(port))
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+        cmd = ["bash", script, *args]
+    elif how == "deepspeed":
         cmd = [_bin("deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
     elif how == "mpiexec":
         env["MASTER_PORT"] = str(port)

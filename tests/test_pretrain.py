@@ -72,10 +72,11 @@ def test_bad_input_gets_a_one_line_error(tmp_path, flags, message):
     assert "Traceback" not in text
 
 
-def test_mpiexec_start_trains(tmp_path):
+def test_mpirun_job_script_trains(tmp_path):
+    """launch/mpirun_pretrain.sh: mpiexec -n 2 python launch/pretrain.py with MPI discovery."""
     out = str(tmp_path / "mpi")
-    run("mpiexec", SCRIPT, [*SMALL, "--max_steps", "3", "--eval_every", "3", "--save_every", "3",
-                            "--output_dir", out])
+    run("bash", os.path.join(ROOT, "launch", "mpirun_pretrain.sh"),
+        [*SMALL, "--max_steps", "3", "--eval_every", "3", "--save_every", "3", "--output_dir", out])
     rows = _rows(out)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     with open(os.path.join(out, "config.json")) as f:

@@ -14,7 +14,8 @@ Refresh without recompression: a compressed operand starts with its kept values,
 row-major, followed by metadata. Compression therefore runs only when a mask changes,
 on a matrix holding ones at exactly the 2 slots per group this backend chose (so
 cuSPARSELt's metadata names our slots even where a kept value is zero); after each
-optimizer step the values region is overwritten in place. The layout is verified once
+optimizer step one Triton kernel (:func:`kernels.transpose_values`) rewrites both
+operands' values regions in place. The layout is verified once
 per process and dtype; if a cuSPARSELt version lays it out otherwise, every refresh
 recompresses instead.
 """
@@ -121,8 +122,10 @@ class CusparseltBackend(Backend):
     def refresh(self, ops: CompressedOperands, values, idx, keep_t, n, m, *, dense_dx=False) -> CompressedOperands:
         if dense_dx or not _inplace_layout_ok(values.dtype, values.device):
             return self.prepare(values, idx, keep_t, n, m, dense_dx=dense_dx)
-        _values_region(ops.weight, *values.shape).copy_(values)
-        _values_region(ops.weight_t, *ops.slots_t.shape).copy_(_transpose_values(values, idx, keep_t, ops.slots_t))
+        from kernels import transpose_values  # one Triton pass writes both values regions
+
+        transpose_values(values, idx, keep_t, ops.slots_t, out=_values_region(ops.weight_t, *ops.slots_t.shape),
+                         values_out=_values_region(ops.weight, *values.shape))
         return ops
 
     def linear(self, ops: CompressedOperands, x2d, bias):

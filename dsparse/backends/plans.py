@@ -2,11 +2,13 @@
 
 A plan says how one sparse product runs: cuSPARSELt's algorithm id and whether
 cuSPARSELt writes the result transposed (row-major ``(tokens, features)``) or the backend
-copies it there. The untuned default (algorithm 0, untransposed result) was the faster
-layout on an H100. ``python -m bench.tune`` times every alternative per shape and saves
-the winners; plans load once per process from the per-GPU cache
+copies it there. ``python -m bench.tune`` times every alternative per shape and saves the
+winners. Plans load once per process: first the tuned plans shipped for this GPU and
+cuSPARSELt version (``dsparse/backends/tuned/``), then the user's cache
 (:func:`default_cache_path`, overridable with ``DSPARSE_PLANS``). A product whose token
-count was not tuned uses the plan tuned for the nearest token count.
+count was not tuned uses the plan of the nearest tuned count; a shape never tuned uses the
+plan that won most often for its role and dtype on this GPU; without any tuned plans,
+cuSPARSELt's default (algorithm 0, untransposed result).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class Plan:
 DEFAULT_PLAN = Plan()
 _PLANS: dict[tuple[str, int, int, str], dict[int, Plan]] = {}  # (role, k, n, dtype) -> {tokens: plan}
 _loaded = False
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 
 def _shape_key(role: str, k: int, n: int, dtype: torch.dtype | str) -> tuple[str, int, int, str]:
@@ -38,23 +41,37 @@ def plan_for(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan
         load_default_plans()
     by_tokens = _PLANS.get(_shape_key(role, k, n, dtype))
     if not by_tokens:
-        return DEFAULT_PLAN
+        return _most_common(role, str(dtype).removeprefix("torch."))
     nearest = min(by_tokens, key=lambda t: (abs(t - tokens), t))
     return by_tokens[nearest]
+
+
+def _most_common(role: str, dtype: str) -> Plan:
+    wins: dict[Plan, int] = {}
+    for (r, _, _, d), by_tokens in _PLANS.items():
+        if r == role and d == dtype:
+            for plan in by_tokens.values():
+                wins[plan] = wins.get(plan, 0) + 1
+    return max(wins, key=lambda p: (wins[p], -p.alg_id)) if wins else DEFAULT_PLAN
 
 
 def set_plan(role: str, tokens: int, k: int, n: int, dtype: torch.dtype | str, plan: Plan) -> None:
     _PLANS.setdefault(_shape_key(role, k, n, dtype), {})[int(tokens)] = plan
 
 
+def device_key() -> str:
+    """GPU name and cuSPARSELt version: what algorithm ids and their speed depend on."""
+    gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    cslt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else "none"
+    return f"{gpu}_cusparselt{cslt}"
+
+
 def default_cache_path() -> str:
-    """Where this GPU's tuned plans live: keyed by GPU name, torch and cuSPARSELt versions."""
+    """Where this GPU's tuned plans are cached (``DSPARSE_PLANS`` overrides)."""
     if os.environ.get("DSPARSE_PLANS"):
         return os.environ["DSPARSE_PLANS"]
     root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dsparse")
-    gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
-    cslt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else "none"
-    return os.path.join(root, f"plans_{gpu}_torch{torch.__version__}_cusparselt{cslt}.json")
+    return os.path.join(root, f"plans_{device_key()}.json")
 
 
 def save_plans(path: str | os.PathLike) -> None:
@@ -81,9 +98,9 @@ def load_plans(path: str | os.PathLike) -> int:
 
 
 def load_default_plans() -> None:
-    """Load this GPU's plan cache once, if it exists."""
+    """Load the shipped plans for this GPU and the user's cache once, where they exist."""
     global _loaded
     _loaded = True
-    path = default_cache_path()
-    if os.path.exists(path):
-        load_plans(path)
+    for path in (os.path.join(TUNED_DIR, f"plans_{device_key()}.json"), default_cache_path()):
+        if os.path.exists(path):
+            load_plans(path)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .. import nm
 from ..backends import Backend, check_backend_name, resolve_backend
+from .lowrank import lowrank_add
 from .optimizer_hook import install_optimizer_hook, tag_owner
 
 
@@ -315,7 +316,7 @@ class SparseLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = _SparseLinearFunction.apply(x, self._param, self.bias, self)
         if self.adapter_is_active:
-            y = y + F.linear(F.linear(x, self.adapter_a), self.adapter_b) * self.adapter_scale
+            y = lowrank_add(y, F.linear(x, self.adapter_a), self.adapter_b, self.adapter_scale)
         return y
 
     # ----------------------------------------------------------------- state dict

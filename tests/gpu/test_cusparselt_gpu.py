@@ -66,3 +66,24 @@ def test_refresh_after_steps_and_mask_changes_and_zero_values(dtype):
         for layer in (fast, ref):
             layer.zero_grad()
     assert fast.step == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_fused_add_matches_float64(dtype):
+    torch.manual_seed(0)
+    layer = SparseLinear(1024, 2048, backend="cusparselt").to("cuda", dtype)
+    layer.add_adapter(16, alpha=2.0)
+    with torch.no_grad():
+        layer.adapter_b.normal_()
+    x = torch.randn(4, 64, 1024, device="cuda", dtype=dtype, requires_grad=True)
+    y = layer(x)
+    params = [p.detach().double().requires_grad_() for p in (layer.adapter_a, layer.adapter_b)]
+    xd = x.detach().double().requires_grad_()
+    ref = (torch.nn.functional.linear(xd, layer.effective_weight().detach().double(), layer.bias.detach().double())
+           + (xd @ params[0].t()) @ params[1].t() * (2.0 / 16))
+    assert _rel(y, ref) < 1e-2
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref.backward(dy.double())
+    assert _rel(layer.adapter_a.grad, params[0].grad) < 2e-2
+    assert _rel(layer.adapter_b.grad, params[1].grad) < 2e-2

@@ -1,0 +1,86 @@
+"""Render the README's results section from bench/results/*.json (run after any benchmark).
+
+    python -m bench.report          # rewrites the block between the results markers in README.md
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(pattern: str) -> list[tuple[str, dict]]:
+    return [(os.path.basename(p), json.load(open(p))) for p in sorted(glob.glob(os.path.join(ROOT, pattern)))]
+
+
+def _env(env: dict) -> str:
+    return (f"{env.get('gpu')}, torch {env.get('torch')}, cuSPARSELt {env.get('cusparselt')}, "
+            f"triton {env.get('triton')}")
+
+
+def layer_table() -> list[str]:
+    lines = []
+    for name, data in _load("bench/results/layer_*.json"):
+        rows = [r for r in data["rows"] if "speedup_sparse_tuned" in r]
+        if not rows:
+            continue
+        lines += [f"**Layer** (`{name}`; {_env(data['environment'])}): dense time / sparse time, same run",
+                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []),
+                  "", "| in x out | tokens | dtype | fwd | dX | dW | whole step |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            s = r["speedup_sparse_tuned"]
+            lines.append(f"| {r['in']}x{r['out']} | {r['tokens']} | {r['dtype']} | {s['fwd']:.2f}x | {s['dx']:.2f}x "
+                         f"| {s['dw']:.2f}x | {s['step']:.2f}x |")
+        lines.append("")
+    return lines
+
+
+def kernel_table() -> list[str]:
+    lines = []
+    for name, data in _load("bench/results/kernels_*.json"):
+        lines += [f"**Kernels** (`{name}`; {_env(data['environment'])})", "",
+                  "| what | shape | Triton | torch | speedup |", "|---|---|---|---|---|"]
+        for r in data.get("refresh", []):
+            lines.append(f"| W̃ᵀ + W refresh after a step | {r['in']}x{r['out']} {r['dtype']} | "
+                         f"{r['full_refresh_kernel_ms']:.3f} ms | {r['full_refresh_torch_ms']:.3f} ms | "
+                         f"{r['full_refresh_speedup']:.1f}x |")
+        lines.append("")
+    return lines
+
+
+def engine_table() -> list[str]:
+    lines = []
+    for name, data in _load("bench/results/engine_*.json"):
+        if "vs_dense" not in data:
+            continue
+        lines += [f"**Training step** (`{name}`)", "", "| mode | GPUs | step time | tokens/s | peak memory | vs dense |",
+                  "|---|---|---|---|---|---|"]
+        for mode, run in data["runs"].items():
+            ratio = data["vs_dense"].get(mode)
+            rel = f"{ratio['speedup']:.2f}x speed, {ratio['memory_ratio']:.2f}x memory" if ratio else "-"
+            lines.append(f"| {mode} | {run['gpus']} | {run['step_s_median'] * 1e3:.0f} ms | {run['tokens_per_s']:.0f} | "
+                         f"{run['peak_memory_gib']:.1f} GiB | {rel} |")
+        lines.append("")
+    return lines
+
+
+def render() -> str:
+    body = engine_table() + layer_table() + kernel_table()
+    return "\n".join(body or ["No GPU results yet: run the benchmarks in bench/ on a GPU."])
+
+
+def main() -> None:
+    path = os.path.join(ROOT, "README.md")
+    text = open(path).read()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{START}\n{render()}\n{END}{tail}")
+    print(f"updated {path}")
+
+
+if __name__ == "__main__":
+    main()

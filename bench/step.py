@@ -1,0 +1,131 @@
+"""End-to-end DeepSpeed training step, dense vs dsparse, same config, same GPU(s).
+
+One process group per mode (peak memory must not mix), e.g. on one GPU::
+
+    for m in dense sparse; do deepspeed --num_gpus 1 bench/step.py --mode $m --out /tmp/step_$m.json; done
+    python -m bench.step --merge /tmp/step_dense.json /tmp/step_sparse.json --result bench/results/engine_h100.json
+
+Each run builds the model from a preset (random weights, random tokens), trains
+``--warmup`` steps, then times ``--steps`` optimizer steps (median, CUDA-synchronised)
+and records peak GPU memory and dsparse's memory report. ``--merge`` writes both modes
+and their ratios (dense / sparse for time, sparse / dense for memory) to one JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    import dsparse
+    from bench.common import environment
+    from dsparse.models import build_model
+
+    deepspeed.init_distributed()
+    model = build_model(args.model, args.vocab, args.seq_len)
+    if args.layers:
+        model.model.layers = model.model.layers[: args.layers]
+        model.config.num_hidden_layers = args.layers
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": args.zero, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1, "torch_adam": True,
+                                                  "fused": True}},
+        "steps_per_print": 10**9,
+    }
+    if args.mode != "dense":
+        config["sparsity"] = {"backend": "cusparselt", "mask_change_freq": 100, "double_prune": args.mode != "static"}
+    engine, *_ = dsparse.initialize(model=model, config=config)
+    device = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator(device=device).manual_seed(dist.get_rank())
+
+    def step() -> float:
+        ids = torch.randint(0, args.vocab, (args.micro_batch_size, args.seq_len), device=device, generator=gen)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    step_s = times[len(times) // 2]
+    tokens = args.micro_batch_size * args.seq_len * dist.get_world_size()
+    result = {"mode": args.mode, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
+              "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
+              "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,
+              "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "memory_report": dsparse.memory_report(engine),
+              "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+    if dist.get_rank() == 0:
+        result["environment"] = environment()
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"{args.mode}: {step_s * 1e3:.1f} ms/step, {tokens / step_s:.0f} tokens/s, "
+              f"peak {result['peak_memory_gib']:.2f} GiB", flush=True)
+
+
+def merge(paths: list[str], result_path: str) -> None:
+    from bench.common import write_result
+
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            row = json.load(f)
+        runs[row["mode"]] = row
+    env = runs["dense"].pop("environment", None)
+    for row in runs.values():
+        row.pop("environment", None)
+    ratios = {mode: {"speedup": runs["dense"]["step_s_median"] / row["step_s_median"],
+                     "memory_ratio": row["peak_memory_gib"] / runs["dense"]["peak_memory_gib"]}
+              for mode, row in runs.items() if mode != "dense"}
+    write_result(result_path, {"measured_environment": env, "runs": runs, "vs_dense": ratios})
+    print(json.dumps(ratios, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["dense", "sparse", "static"], default="sparse",
+                        help="static: single-pruned 2:4 without double pruning")
+    parser.add_argument("--model", default="llama-1b")
+    parser.add_argument("--layers", type=int, default=0, help="keep only the first N blocks (0: all)")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--micro_batch_size", type=int, default=8)
+    parser.add_argument("--zero", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--out", default="step.json")
+    parser.add_argument("--merge", nargs="+", default=None, help="merge per-mode JSON files into --result")
+    parser.add_argument("--result", default=None)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.result)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
