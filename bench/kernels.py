@@ -80,7 +80,7 @@ def bench_refresh(in_f: int, out_f: int, dtype: torch.dtype, device: str, timer,
     values = nm.gather_kept(dense, idx, 4)
     del dense
     keep_t = nm.transpose_keep(values, idx, 2, 4)
-    slots_t = transpose_slots(values, idx, keep_t)
+    slots_t = transpose_slots(idx, keep_t)
 
     # correctness first
     want = _transpose_values(values, idx, keep_t, slots_t)
@@ -123,7 +123,7 @@ def bench_refresh(in_f: int, out_f: int, dtype: torch.dtype, device: str, timer,
 
     def mask_torch():
         k = nm.transpose_keep(values, idx, 2, 4)
-        return transpose_slots(values, idx, k)
+        return transpose_slots(idx, k)
 
     row["mask_torch_ms"] = timer(mask_torch, iters=5, inner=1) if timer is time_ms else timer(mask_torch)
     configs = MASK_CONFIGS if sweep else [masks_mod.CONFIG]

@@ -158,8 +158,10 @@ class SparseTraining:
             return
         freq = self.config.mask_change_freq
         mask_due = freq > 0 and self.step % freq == freq - 1 and not self.layers[0].dense_mode
-        with self._gathered([layer._param for layer in self.layers] if mask_due else []):
-            changed = [layer.on_optimizer_step() for layer in self.layers]
+        changed = []
+        for layer in self.layers:  # one layer gathered at a time under ZeRO-3
+            with self._gathered([layer._param] if mask_due else []):
+                changed.append(layer.on_optimizer_step())
         if any(changed) and self.config.check_masks:
             check_mask_agreement(self.layers, self.step)
         self._enter_phase(engine)
@@ -169,8 +171,8 @@ class SparseTraining:
         phase = self.phase
         warm = [layer for layer in self.layers if layer.dense_mode]
         if phase != "dense" and warm:
-            with self._gathered([layer._param for layer in warm]):
-                for layer in warm:
+            for layer in warm:
+                with self._gathered([layer._param]):
                     layer.dense_mode = False
                     if not restored:
                         layer.reprune()

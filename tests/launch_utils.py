@@ -32,6 +32,14 @@ def _bin(name: str) -> str:
     return local if os.path.exists(local) else (shutil.which(name) or name)
 
 
+def start_single(script: str, args: list[str]) -> subprocess.Popen:
+    """Start ``script`` as a one-rank job in the background (stdout and stderr piped)."""
+    env = _env()
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    return subprocess.Popen([sys.executable, script, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def run(how: str, script: str, args: list[str], timeout: int = 600, ranks: int = 2) -> subprocess.CompletedProcess:
     """Run ``script`` with ``how`` in {"deepspeed", "mpiexec", "single", "bash"}; raise with the log on failure.
 

@@ -4,7 +4,10 @@ import os
 
 import pytest
 
-from launch_utils import ROOT, run
+import signal
+import time
+
+from launch_utils import ROOT, run, start_single
 
 SCRIPT = os.path.join(ROOT, "launch", "pretrain.py")
 SMALL = ["--model", "llama-tiny", "--seq_len", "64", "--micro_batch_size", "4", "--max_mb", "0.3",
@@ -81,3 +84,26 @@ def test_mpirun_job_script_trains(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["world_size"] == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+    out = str(tmp_path / "preempt")
+    proc = start_single(SCRIPT, [*SMALL, "--max_steps", "500", "--eval_every", "1000", "--save_every", "1000",
+                                 "--output_dir", out])
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(_rows(out)) >= 3:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "preempted: checkpoint saved at step" in output
+    tag = open(os.path.join(out, "checkpoints", "latest")).read().strip()
+    stopped = int(tag.removeprefix("global_step"))
+    assert 3 <= stopped < 500
+    run("single", SCRIPT, [*SMALL, "--max_steps", str(stopped + 2), "--eval_every", "1000", "--save_every", "1000",
+                           "--output_dir", out, "--resume"])
+    steps = [r["step"] for r in _rows(out) if "loss" in r]
+    assert steps == list(range(1, stopped + 3))

@@ -80,17 +80,40 @@ def _inplace_layout_ok(dtype: torch.dtype, device: torch.device) -> bool:
     return _layout_ok[dtype]
 
 
-def transpose_slots(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor) -> torch.Tensor:
-    """W̃ᵀ's 2 slots per group of 4 along ``out``: its kept entries, then (lowest position first) fillers."""
-    score = keep_t.to(torch.uint8) + 1  # 2: survives double pruning, 1: kept by W only, 0: pruned
+def transpose_slots(idx: torch.Tensor, keep_t: torch.Tensor) -> torch.Tensor:
+    """W̃ᵀ's 2 slots per group of 4 along ``out``: its kept entries, then (lowest position first) fillers.
+
+    Scores: 2 survives double pruning, 1 kept by W only, 0 pruned (torch; the reference).
+    """
+    score = keep_t.to(torch.uint8) + 1
     dense = nm.scatter_kept(score, idx, 2, 4).t().contiguous()  # (in, out)
     return nm.kept_positions(nm.nm_mask(dense, 2, 4), 2, 4)
 
 
 def _transpose_values(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor,
                       slots_t: torch.Tensor) -> torch.Tensor:
+    """W̃ᵀ's compressed values ``(in, out/2)`` at its slots (torch; the reference)."""
     dense_t = nm.dense_transpose_from_kept(values, idx, keep_t, 2, 4).contiguous()
     return nm.gather_kept(dense_t, slots_t, 4)
+
+
+def _slots(idx: torch.Tensor, keep_t: torch.Tensor) -> torch.Tensor:
+    """:func:`transpose_slots` in one Triton pass on CUDA: ranking ``keep_t`` as magnitudes 1 and 0,
+    :func:`kernels.transpose_keep_and_slots` picks exactly these slots."""
+    if not keep_t.is_cuda:
+        return transpose_slots(idx, keep_t)
+    from kernels import transpose_keep_and_slots
+
+    return transpose_keep_and_slots(keep_t.to(torch.float16), idx)[1]
+
+
+def _t_values(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, slots_t: torch.Tensor) -> torch.Tensor:
+    """:func:`_transpose_values` in one Triton pass on CUDA."""
+    if not values.is_cuda:
+        return _transpose_values(values, idx, keep_t, slots_t)
+    from kernels import transpose_values
+
+    return transpose_values(values, idx, keep_t, slots_t)
 
 
 class CusparseltBackend(Backend):
@@ -115,8 +138,8 @@ class CusparseltBackend(Backend):
         if dense_dx:
             return CompressedOperands(weight, nm.dense_from_kept(values, idx, n, m), None, values.shape[0],
                                       idx.shape[1] * 2)
-        slots_t = transpose_slots(values, idx, keep_t)
-        weight_t = _compress_slots(_transpose_values(values, idx, keep_t, slots_t), slots_t)
+        slots_t = _slots(idx, keep_t)
+        weight_t = _compress_slots(_t_values(values, idx, keep_t, slots_t), slots_t)
         return CompressedOperands(weight, weight_t, slots_t, values.shape[0], idx.shape[1] * 2)
 
     def refresh(self, ops: CompressedOperands, values, idx, keep_t, n, m, *, dense_dx=False) -> CompressedOperands:

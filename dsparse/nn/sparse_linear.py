@@ -229,7 +229,14 @@ class SparseLinear(nn.Module):
         if not self.double_prune:
             self.keep_t.fill_(True)
             return
-        self.keep_t.copy_(nm.transpose_keep(self.kept_values(), self.idx, self.n, self.m))
+        values = self.kept_values()
+        if values.is_cuda and (self.n, self.m) == (2, 4) and values.dtype in (torch.float16, torch.bfloat16,
+                                                                               torch.float32):
+            from kernels import transpose_keep_and_slots  # one Triton pass, identical to nm.transpose_keep
+
+            self.keep_t.copy_(transpose_keep_and_slots(values.detach(), self.idx)[0])
+        else:
+            self.keep_t.copy_(nm.transpose_keep(values, self.idx, self.n, self.m))
 
     @torch.no_grad()
     def on_optimizer_step(self) -> bool:

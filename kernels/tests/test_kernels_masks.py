@@ -13,7 +13,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def _reference(values, idx):
     keep_t = nm.transpose_keep(values, idx, 2, 4)
-    return keep_t, transpose_slots(values, idx, keep_t)
+    return keep_t, transpose_slots(idx, keep_t)
 
 
 def _check(values, idx, **kwargs):
@@ -85,3 +85,18 @@ def test_validation():
         transpose_keep_and_slots(values, idx[:, :8])
     with pytest.raises(TypeError, match="values must be of dtype"):
         transpose_keep_and_slots(values.double(), idx)
+
+
+def test_slots_from_a_given_keep_t_by_ranking_it_as_magnitudes():
+    """dsparse's cuSPARSELt backend feeds keep_t (as 1.0 / 0.0) to the kernel to get W̃ᵀ's slots
+    for a mask chosen earlier; that must equal the torch scoring it replaces."""
+    from dsparse import nm
+    from dsparse.backends import cusparselt
+
+    gen = torch.Generator().manual_seed(3)
+    for out_f, in_f in ((16, 16), (48, 80), (80, 48)):
+        w = torch.round(torch.randn(out_f, in_f, generator=gen) * 2) / 2
+        idx = nm.kept_positions(nm.nm_mask(w.abs(), 2, 4), 2, 4)
+        keep_t = torch.rand(out_f, in_f // 2, generator=gen) < 0.5  # any mask, not one from the values
+        got = transpose_keep_and_slots(keep_t.to(torch.float16), idx)[1]
+        assert torch.equal(got, cusparselt.transpose_slots(idx, keep_t))

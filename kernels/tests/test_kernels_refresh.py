@@ -14,7 +14,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def _double_pruned(out_features, in_features, dtype, device, mode="randn", seed=0):
     values, idx = random_kept(out_features, in_features, dtype, device, mode, seed)
     keep_t = nm.transpose_keep(values, idx, 2, 4)
-    slots_t = transpose_slots(values, idx, keep_t)
+    slots_t = transpose_slots(idx, keep_t)
     return values, idx, keep_t, slots_t
 
 
