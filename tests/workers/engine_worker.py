@@ -10,11 +10,13 @@ import argparse
 import json
 import os
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
 import deepspeed.comm as dcomm  # noqa: E402
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -22,6 +24,7 @@ import dsparse  # noqa: E402
 from dsparse.distributed import mask_checksum  # noqa: E402
 
 GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 64
+OPTIONS = {"bf16": False, "backend": "auto"}  # set from the command line (GPU runs)
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -33,6 +36,10 @@ def tiny_llama() -> torch.nn.Module:
 
 def ds_config(stage: int, world: int, ga: int = 1, bf16: bool = False, sparsity: dict | None = None,
               total_steps: int = 8, universal: bool = False) -> dict:
+    bf16 = bf16 or OPTIONS["bf16"]
+    if sparsity is None:
+        sparsity = {"mask_change_freq": 2, "total_steps": total_steps, "backend": OPTIONS["backend"],
+                    "adapters": {"rank": 4, "start_step": 5, "weight_decay": 0.01}}
     cfg = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world // ga,
@@ -42,9 +49,7 @@ def ds_config(stage: int, world: int, ga: int = 1, bf16: bool = False, sparsity:
         "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2, "total_num_steps": total_steps,
                                                           "warmup_max_lr": 2e-2, "warmup_type": "linear"}},
         "gradient_clipping": 0.5,
-        "sparsity": sparsity if sparsity is not None else {
-            "mask_change_freq": 2, "total_steps": total_steps,
-            "adapters": {"rank": 4, "start_step": 5, "weight_decay": 0.01}},
+        "sparsity": sparsity,
     }
     if bf16:
         cfg["bf16"] = {"enabled": True}
@@ -58,7 +63,8 @@ def batch(step: int, micro: int, ga_index: int, ga: int) -> torch.Tensor:
     ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1000 + step))
     per_rank = GLOBAL_BATCH // dist.get_world_size()
     mine = ids[dist.get_rank() * per_rank:(dist.get_rank() + 1) * per_rank]
-    return mine[ga_index * micro:(ga_index + 1) * micro]
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return mine[ga_index * micro:(ga_index + 1) * micro].to(device)
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
@@ -206,8 +212,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--ckpt", default="/tmp/dsparse_ckpt")
     parser.add_argument("--stages", default="0,1,2,3", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--backend", default="auto")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
+    OPTIONS.update(bf16=args.bf16, backend=args.backend)
     deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     result = SCENARIOS[args.scenario](args)
     if dist.get_rank() == 0:
