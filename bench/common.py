@@ -56,6 +56,18 @@ def time_ms(fn: Callable[[], Any], warmup: int = 3, iters: int = 15, inner: int 
     than the GPU runs it) still shows. ``graph=True`` replays a captured CUDA graph
     instead: the kernels alone.
     """
+    if not torch.cuda.is_available():  # CPU: wall clock (dry runs of the GPU benchmarks)
+        import time
+
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - start) * 1e3 / inner)
+        return sorted(samples)[len(samples) // 2]
     run = fn
     if graph:
         stream = torch.cuda.Stream()

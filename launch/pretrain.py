@@ -147,11 +147,13 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank was signalled (a collective: all ranks call it each step)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def step_stats(losses: list[torch.Tensor], preemption: Preemption) -> tuple[float, bool]:
+    """Mean loss over ranks, and whether any rank was told to stop: one all-reduce per step."""
+    stats = torch.stack([torch.stack(losses).mean(), torch.tensor(float(preemption.requested),
+                                                                 device=losses[0].device)]).double()
+    dist.all_reduce(stats)
+    return stats[0].item() / dist.get_world_size(), bool(stats[1].item() > 0)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -175,6 +177,7 @@ def train(args: argparse.Namespace) -> None:
     if rank == 0:
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump({"args": vars(args), "deepspeed": cfg, "world_size": world}, f, indent=1)
+        model.config.save_pretrained(os.path.join(args.output_dir, "hf_config"))  # for dsparse.export
     if args.resume and os.path.exists(os.path.join(ckpt_dir, "latest")):
         _, client = engine.load_checkpoint(ckpt_dir)
         train_loader.load_state_dict(client["data"])
@@ -208,8 +211,8 @@ def train(args: argparse.Namespace) -> None:
             engine.step()
             losses.append(loss.detach().float())
         step = engine.global_steps
+        loss_value, stop = step_stats(losses, preemption)
         if step % args.log_every == 0 or step == args.max_steps:
-            loss_value = mean_over_ranks(torch.stack(losses).mean().item(), device)
             now = time.perf_counter()
             row = {"step": step, "loss": loss_value, "lr": step_lr, "tokens": step * tokens_per_step,
                    "tokens_per_s": tokens_per_step * args.log_every / (now - last_time), "phase": step_phase}
@@ -232,7 +235,7 @@ def train(args: argparse.Namespace) -> None:
             log.plot()
         if step % args.save_every == 0 or step == args.max_steps:
             save()
-        if preemption.agreed(device):
+        if stop:  # every rank agrees: the flag went through the all-reduce
             save()
             if rank == 0:
                 print(f"\n[dsparse] preempted: checkpoint saved at step {step}; rerun with --resume", flush=True)

@@ -107,3 +107,29 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
                            "--output_dir", out, "--resume"])
     steps = [r["step"] for r in _rows(out) if "loss" in r]
     assert steps == list(range(1, stopped + 3))
+
+
+def test_checkpoint_exports_for_inference(first_run, tmp_path):
+    """`python -m dsparse.export` on the run's ZeRO checkpoint gives the trained function, sparse."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dsparse import sparse_modules, sparsify
+    from dsparse.export import _consolidated_state_dict, load_for_inference
+
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "export")
+    subprocess.run([sys.executable, "-m", "dsparse.export", os.path.join(first_run, "checkpoints"), out,
+                    "--hf_config", os.path.join(first_run, "hf_config"), "--dtype", "float32"], check=True, cwd=ROOT)
+    loaded = load_for_inference(out, device="cpu")
+    state, manifest = _consolidated_state_dict(os.path.join(first_run, "checkpoints"), None)
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(os.path.join(first_run, "hf_config")))
+    sparsify(reference, manifest["sparsity"])
+    for name, layer in sparse_modules(reference):
+        layer.add_adapter(manifest["layers"][name]["adapter_rank"], alpha=1.0)
+    reference.load_state_dict(state)
+    ids = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, reference.eval()(input_ids=ids).logits)

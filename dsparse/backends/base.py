@@ -28,17 +28,18 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, n: int, m: int, *,
-                dense_dx: bool = False) -> Any:
-        """Derived operands for ``W = M⊙W`` and the double-pruned ``W̃ᵀ`` built from the kept values.
+                dx: str = "sparse") -> Any:
+        """Derived operands for ``W = M⊙W`` and the input-gradient operand, built from the kept values.
 
-        ``dense_dx``: ``keep_t`` is not N:M along ``out`` (no double pruning), so the input
-        gradient must run as a dense GEMM.
+        ``dx``: ``"sparse"`` the double-pruned ``W̃ᵀ``; ``"dense"`` ``(M⊙W)ᵀ`` itself (no double
+        pruning: ``keep_t`` is not N:M along ``out``), a dense GEMM; ``"none"`` no input
+        gradient at all (inference).
         """
 
     def refresh(self, ops: Any, values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, n: int,
-                m: int, *, dense_dx: bool = False) -> Any:
+                m: int, *, dx: str = "sparse") -> Any:
         """Operands after the values changed but the masks did not (may update ``ops`` in place)."""
-        return self.prepare(values, idx, keep_t, n, m, dense_dx=dense_dx)
+        return self.prepare(values, idx, keep_t, n, m, dx=dx)
 
     @abc.abstractmethod
     def linear(self, ops: Any, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

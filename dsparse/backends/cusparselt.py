@@ -38,8 +38,8 @@ _layout_ok: dict[torch.dtype, bool] = {}
 @dataclass
 class CompressedOperands:
     weight: torch.Tensor  # compressed W (out, in)
-    weight_t: torch.Tensor  # compressed W̃ᵀ (in, out); with dense_dx the dense (out, in) M⊙W
-    slots_t: torch.Tensor | None  # uint8 (in, out/2): W̃ᵀ's two slots per group of 4 along out; None: dense dX
+    weight_t: torch.Tensor | None  # compressed W̃ᵀ (in, out); dx="dense": the dense (out, in) M⊙W; "none": None
+    slots_t: torch.Tensor | None  # uint8 (in, out/2): W̃ᵀ's two slots per group of 4 along out (dx="sparse")
     out_features: int
     in_features: int
 
@@ -133,18 +133,18 @@ class CusparseltBackend(Backend):
                 return f"{what} = {size} is not a multiple of {_MIN_DIM}, which cuSPARSELt requires"
         return None
 
-    def prepare(self, values, idx, keep_t, n, m, *, dense_dx=False) -> CompressedOperands:
+    def prepare(self, values, idx, keep_t, n, m, *, dx="sparse") -> CompressedOperands:
         weight = _compress_slots(values, idx)
-        if dense_dx:
-            return CompressedOperands(weight, nm.dense_from_kept(values, idx, n, m), None, values.shape[0],
-                                      idx.shape[1] * 2)
+        if dx != "sparse":
+            weight_dx = nm.dense_from_kept(values, idx, n, m) if dx == "dense" else None
+            return CompressedOperands(weight, weight_dx, None, values.shape[0], idx.shape[1] * 2)
         slots_t = _slots(idx, keep_t)
         weight_t = _compress_slots(_t_values(values, idx, keep_t, slots_t), slots_t)
         return CompressedOperands(weight, weight_t, slots_t, values.shape[0], idx.shape[1] * 2)
 
-    def refresh(self, ops: CompressedOperands, values, idx, keep_t, n, m, *, dense_dx=False) -> CompressedOperands:
-        if dense_dx or not _inplace_layout_ok(values.dtype, values.device):
-            return self.prepare(values, idx, keep_t, n, m, dense_dx=dense_dx)
+    def refresh(self, ops: CompressedOperands, values, idx, keep_t, n, m, *, dx="sparse") -> CompressedOperands:
+        if dx != "sparse" or not _inplace_layout_ok(values.dtype, values.device):
+            return self.prepare(values, idx, keep_t, n, m, dx=dx)
         from kernels import transpose_values  # one Triton pass writes both values regions
 
         transpose_values(values, idx, keep_t, ops.slots_t, out=_values_region(ops.weight_t, *ops.slots_t.shape),
@@ -156,6 +156,8 @@ class CusparseltBackend(Backend):
         return _sparse_mm(ops.weight, x2d, None if bias is None else bias.to(x2d.dtype), plan)
 
     def grad_input(self, ops: CompressedOperands, dy2d):
+        if ops.weight_t is None:
+            raise RuntimeError("this SparseLinear was prepared for inference only: it has no input-gradient operand")
         if ops.slots_t is None:  # no double pruning: (M⊙W)ᵀ is not 2:4 along out
             return dy2d.mm(ops.weight_t)
         plan = plan_for("dx", dy2d.shape[0], ops.out_features, ops.in_features, dy2d.dtype)

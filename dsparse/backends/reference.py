@@ -15,7 +15,7 @@ from .base import Backend
 
 class DenseOperands(NamedTuple):
     weight: torch.Tensor  # (out, in): M⊙W
-    weight_dx: torch.Tensor  # (out, in): W̃, the transpose of the double-pruned W̃ᵀ
+    weight_dx: torch.Tensor | None  # (out, in): W̃, the transpose of W̃ᵀ (None: inference only)
 
 
 class ReferenceBackend(Backend):
@@ -26,13 +26,16 @@ class ReferenceBackend(Backend):
             return f"dtype {dtype} is not a floating-point type"
         return None
 
-    def prepare(self, values, idx, keep_t, n, m, *, dense_dx=False) -> DenseOperands:
+    def prepare(self, values, idx, keep_t, n, m, *, dx="sparse") -> DenseOperands:
         weight = nm.dense_from_kept(values, idx, n, m)
-        weight_dx = nm.dense_transpose_from_kept(values, idx, keep_t, n, m).t()
-        return DenseOperands(weight, weight_dx)
+        if dx == "none":
+            return DenseOperands(weight, None)
+        return DenseOperands(weight, nm.dense_transpose_from_kept(values, idx, keep_t, n, m).t())
 
     def linear(self, ops: DenseOperands, x2d, bias):
         return F.linear(x2d, ops.weight, bias)
 
     def grad_input(self, ops: DenseOperands, dy2d):
+        if ops.weight_dx is None:
+            raise RuntimeError("this SparseLinear was prepared for inference only: it has no input-gradient operand")
         return dy2d.mm(ops.weight_dx)

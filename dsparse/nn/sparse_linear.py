@@ -115,6 +115,7 @@ class SparseLinear(nn.Module):
         self._generation = 0  # bumped whenever the values are known to have changed
         self.dense_mode = False  # dense warm-up: the full dense weight trains (needs compress=False)
         self._cache: tuple[tuple, tuple, Backend, Any] | None = None
+        self._inference: tuple[Backend, Any] | None = None  # frozen forward-only operands
         self.reset_parameters()
         tag_owner(self._param, self)
         install_optimizer_hook()
@@ -194,6 +195,8 @@ class SparseLinear(nn.Module):
         A change of the masks rebuilds the operands; a change of the values alone (an
         optimizer step) refreshes them, which a backend may do in place.
         """
+        if self._inference is not None:
+            return self._inference
         param = self._param
         mask_key = (self.keep_t.data_ptr(), self.keep_t._version, self.idx.data_ptr(), self.idx._version,
                     param.dtype, param.device)
@@ -205,14 +208,37 @@ class SparseLinear(nn.Module):
             values = self.kept_values().detach()
             if cache is not None and cache[0] == mask_key:
                 backend, ops = cache[2], cache[2].refresh(cache[3], values, self.idx, self.keep_t, self.n, self.m,
-                                                          dense_dx=not self.double_prune)
+                                                          dx=self._dx_mode)
             else:
                 backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m,
                                           self.out_features, self.in_features,
                                           layer=f"SparseLinear({self.in_features}, {self.out_features})")
-                ops = backend.prepare(values, self.idx, self.keep_t, self.n, self.m, dense_dx=not self.double_prune)
+                ops = backend.prepare(values, self.idx, self.keep_t, self.n, self.m, dx=self._dx_mode)
         self._cache = (mask_key, value_key, backend, ops) if self.cache_operands else None
         return backend, ops
+
+    @property
+    def _dx_mode(self) -> str:
+        return "sparse" if self.double_prune else "dense"
+
+    @torch.no_grad()
+    def prepare_inference(self, release_state: bool = True) -> None:
+        """Freeze the layer for inference: build the forward operand once, drop the input-gradient one.
+
+        With ``release_state`` the kept values and masks are freed as well (the compressed
+        operand holds everything the forward needs), so the layer's weight memory is the
+        compressed operand alone; the layer can no longer train or give a state_dict.
+        """
+        param = self._param
+        backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m, self.out_features,
+                                  self.in_features, layer=f"SparseLinear({self.in_features}, {self.out_features})")
+        ops = backend.prepare(self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m, dx="none")
+        self._inference = (backend, ops)
+        self._cache = None
+        if release_state:
+            for tensor in (param, self.idx, self.keep_t):
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+            param.requires_grad_(False)
 
     def release_operands(self) -> None:
         """Drop the cached derived operands (they are rebuilt on next use)."""

@@ -1,0 +1,105 @@
+"""Inference: prefill and decode throughput and weight memory of exported sparse models vs dense.
+
+Each sparse variant goes through :func:`dsparse.export.export_model` and
+:func:`dsparse.export.load_for_inference` (cuSPARSELt forward operand only, adapters fused
+onto its output), with adapter ranks 0, 1.56% and 6.25% of each layer's smaller dimension.
+Weights are random (speed does not depend on them). Ratios are against the dense model
+measured in the same process.
+
+    python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+
+import torch
+
+from bench.common import gpu_tag, time_ms, write_result
+from dsparse import sparse_modules, sparsify
+from dsparse.export import export_model, load_for_inference
+from dsparse.models import build_model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Parameters, buffers and the sparse layers' frozen operands."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    for _, layer in sparse_modules(model):
+        if layer._inference is not None:
+            ops = layer._inference[1]
+            total += sum(getattr(ops, f).numel() * getattr(ops, f).element_size() for f in ("weight",)
+                         if getattr(ops, f, None) is not None)
+    return total
+
+
+def measure(model, args, device) -> dict:
+    ids = torch.randint(0, args.vocab, (args.batch, args.prompt), device=device)
+    with torch.no_grad():
+        prefill = time_ms(lambda: model(input_ids=ids), warmup=2, iters=args.iters, inner=1)
+        short = ids[:, : args.decode_prompt]
+        generate = lambda: model.generate(short, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,  # noqa: E731
+                                          do_sample=False, pad_token_id=0)
+        decode = time_ms(generate, warmup=1, iters=max(3, args.iters // 3), inner=1)
+    return {"prefill_ms": prefill, "prefill_tokens_per_s": args.batch * args.prompt / prefill * 1e3,
+            "decode_ms": decode, "decode_tokens_per_s": args.batch * args.new_tokens / decode * 1e3,
+            "weight_gib": weight_bytes(model) / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-1b")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--decode_prompt", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--ranks", default="0,0.0156,0.0625", help="adapter rank fractions (0: none)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    dense = build_model(args.model, args.vocab, args.prompt).to(device, dtype).eval()
+    results = {"dense": measure(dense, args, device)}
+    print(f"dense: {results['dense']}", flush=True)
+    state = {k: v.cpu() for k, v in dense.state_dict().items()}
+    del dense
+    gc.collect()
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    for fraction in [float(f) for f in args.ranks.split(",")]:
+        model = build_model(args.model, args.vocab, args.prompt)
+        model.load_state_dict(state)
+        sparsify(model.to(device), {"backend": args.backend})
+        if fraction > 0:
+            gen = torch.Generator().manual_seed(0)
+            for _, layer in sparse_modules(model):
+                layer.add_adapter(max(1, round(fraction * min(layer.in_features, layer.out_features))),
+                                  generator=gen)
+                with torch.no_grad():
+                    layer.adapter_b.normal_(0, 0.01)
+        with tempfile.TemporaryDirectory() as tmp:
+            export_model(model, tmp, dtype=dtype)
+            del model
+            gc.collect()
+            loaded = load_for_inference(tmp, device=device, dtype=dtype, backend=args.backend)
+        name = f"sparse_r{fraction:g}"
+        results[name] = measure(loaded, args, device)
+        print(f"{name}: {results[name]}", flush=True)
+        del loaded
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    base = results["dense"]
+    ratios = {name: {"prefill_speedup": base["prefill_ms"] / r["prefill_ms"],
+                     "decode_speedup": base["decode_ms"] / r["decode_ms"],
+                     "weight_memory_ratio": r["weight_gib"] / base["weight_gib"]}
+              for name, r in results.items() if name != "dense"}
+    print(ratios, flush=True)
+    write_result(args.out or f"bench/results/infer_{gpu_tag()}.json",
+                 {"args": vars(args), "results": results, "vs_dense": ratios})
+
+
+if __name__ == "__main__":
+    main()
