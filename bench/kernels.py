@@ -172,6 +172,21 @@ def bench_lowrank(tokens: int, out_f: int, rank: int, dtype: torch.dtype, device
     return row
 
 
+def bench_gather(in_f: int, out_f: int, dtype, device, timer) -> dict:
+    """The weight gradient's reduction to kept entries: Triton gather vs torch (int64 index)."""
+    from dsparse import nm
+    from kernels import gather_kept
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    dense = torch.randn(out_f, in_f, generator=gen, device=device).to(dtype)
+    idx = nm.kept_positions(nm.nm_mask(dense.abs().float(), 2, 4), 2, 4)
+    assert torch.equal(gather_kept(dense, idx, 2, 4), nm.gather_kept(dense, idx, 4))
+    row = {"gather_torch_ms": timer(lambda: nm.gather_kept(dense, idx, 4)),
+           "gather_kernel_ms": timer(lambda: gather_kept(dense, idx, 2, 4))}
+    row["gather_speedup"] = row["gather_torch_ms"] / row["gather_kernel_ms"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="4096x4096,4096x11008,8192x8192", help="in x out, comma-separated")
@@ -196,13 +211,15 @@ def main() -> None:
     rows = []
     for in_f, out_f in shapes:
         row = {"in": in_f, "out": out_f, "dtype": args.dtype,
-               **bench_refresh(in_f, out_f, dtype, device, timer, sweep)}
+               **bench_refresh(in_f, out_f, dtype, device, timer, sweep),
+               **bench_gather(in_f, out_f, dtype, device, timer)}
         print(f"transpose_values {in_f}x{out_f} {args.dtype}: kernel {row['refresh_kernel_ms']:.3f} ms "
               f"({row['refresh_kernel_gbps']:.0f} GB/s) vs torch {row['refresh_torch_ms']:.3f} ms "
               f"= {row['refresh_speedup']:.1f}x; best {row['refresh_best_config']} "
               f"{row['refresh_best_gbps']:.0f} GB/s | full refresh {row['full_refresh_kernel_ms']:.3f} vs "
               f"{row['full_refresh_torch_ms']:.3f} ms | mask kernel {row['mask_kernel_ms']:.3f} ms vs torch "
-              f"{row['mask_torch_ms']:.3f} ms = {row['mask_speedup']:.1f}x", flush=True)
+              f"{row['mask_torch_ms']:.3f} ms = {row['mask_speedup']:.1f}x | dW gather {row['gather_kernel_ms']:.3f} "
+              f"vs {row['gather_torch_ms']:.3f} ms", flush=True)
         rows.append(row)
     lr = {"tokens": tokens, "out": lr_out, "r": rank, "dtype": args.dtype,
           **bench_lowrank(tokens, lr_out, rank, dtype, device, timer, sweep)}

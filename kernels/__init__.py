@@ -6,17 +6,22 @@
   changes), bit-identical to ``nm.transpose_keep`` + ``cusparselt.transpose_slots``.
 * :func:`lowrank_addmm` — ``y + scale * (u @ bᵀ) (+ bias)`` fused, fp32 accumulation.
 * :func:`bias_add` — ``y + bias`` (the r = 0 path of :func:`lowrank_addmm`).
+* :func:`gather_kept` — a dense matrix's entries at N:M positions (the weight gradient's
+  reduction to the kept entries).
 
 Each has a pure-torch ``*_reference`` next to it. The kernels run compiled on CUDA
 tensors and through the Triton interpreter on CPU tensors (tests only: slow), whatever
 ``TRITON_INTERPRET`` said when this package was imported (see :mod:`kernels._triton`).
 None of them builds an autograd graph.
 """
+from .gather import gather_kept, gather_kept_reference
 from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference
 from .masks import transpose_keep_and_slots, transpose_keep_and_slots_reference
 from .refresh import transpose_values, transpose_values_reference
 
 __all__ = [
+    "gather_kept",
+    "gather_kept_reference",
     "transpose_values",
     "transpose_values_reference",
     "transpose_keep_and_slots",

@@ -50,5 +50,11 @@ class Backend(abc.ABC):
         """``dy2d @ W̃`` for ``dy2d`` of shape ``(tokens, out)``: the input gradient."""
 
     def grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int) -> torch.Tensor:
-        """The weight gradient at the kept entries only, shape ``(out, in*n/m)``."""
-        return nm.gather_kept(dy2d.t().mm(x2d), idx, m)
+        """The weight gradient at the kept entries only, shape ``(out, in*n/m)``: a dense GEMM
+        reduced to the kept entries (one Triton pass on CUDA, reading the uint8 positions)."""
+        dense = dy2d.t().mm(x2d)
+        if dense.is_cuda:
+            from kernels import gather_kept
+
+            return gather_kept(dense, idx, n, m)
+        return nm.gather_kept(dense, idx, m)

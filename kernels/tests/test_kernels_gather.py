@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from dsparse import nm
+from kernels import gather_kept, gather_kept_reference
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (2, 8)])
+@pytest.mark.parametrize("shape", [(16, 16), (48, 80), (33, 136)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gather_kept_equals_torch(n, m, shape, dtype, device):
+    rows, cols = shape
+    cols = cols // m * m
+    gen = torch.Generator().manual_seed(rows * cols + n)
+    dense = torch.randn(rows, cols, generator=gen).to(dtype)
+    idx = nm.kept_positions(nm.nm_mask(torch.randn(rows, cols, generator=gen).abs(), n, m), n, m)
+    dense, idx = dense.to(device), idx.to(device)
+    expected = nm.gather_kept(dense, idx, m)
+    assert torch.equal(gather_kept_reference(dense, idx, n, m), expected)
+    assert torch.equal(gather_kept(dense, idx, n, m, config={"BLOCK_R": 16, "BLOCK_K": 32}), expected)
+    out = torch.full_like(expected.t(), float("nan")).t()  # strided output
+    gather_kept(dense.t().contiguous().t(), idx, n, m, out=out)
+    assert torch.equal(out, expected)
+
+
+def test_gather_kept_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="groups of M = 4"):
+        gather_kept(torch.randn(4, 6), torch.zeros(4, 3, dtype=torch.uint8), 2, 4)
+    with pytest.raises(ValueError, match="idx must have shape"):
+        gather_kept(torch.randn(4, 8), torch.zeros(4, 3, dtype=torch.uint8), 2, 4)
