@@ -7,7 +7,7 @@ are captured, not run, so the arguments are specialized exactly as on the GPU.
 import pytest
 import torch
 
-from kernels import bias_add, lowrank_addmm, transpose_keep_and_slots, transpose_values
+from kernels import bias_add, gather_kept, lowrank_addmm, transpose_keep_and_slots, transpose_values
 from kernels._testing import random_keep_and_slots, random_kept
 from kernels._triton import capture_launches, compile_offline
 
@@ -54,6 +54,13 @@ def test_lowrank_addmm_compiles(arch, dtype):
     # on CPU the wrapper picks the fp32 product for bf16 (an interpreter limitation): ask for the GPU's
     override = {"IEEE": False} if dtype == torch.bfloat16 else {}
     _compile(lambda: lowrank_addmm(y, u, b, 0.5, bias), arch, **override)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gather_kept_compiles(arch, dtype):
+    _, idx = random_kept(64, 128, torch.bfloat16, "cpu", "randn")
+    _compile(lambda: gather_kept(torch.zeros(64, 128, dtype=dtype), idx, 2, 4), arch)
 
 
 def test_bias_add_compiles():
