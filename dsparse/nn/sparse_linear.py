@@ -240,10 +240,6 @@ class SparseLinear(nn.Module):
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             param.requires_grad_(False)
 
-    def release_operands(self) -> None:
-        """Drop the cached derived operands (they are rebuilt on next use)."""
-        self._cache = None
-
     def mark_values_changed(self) -> None:
         """Tell the layer its values changed behind autograd's back (refreshes the operands on next use)."""
         self._generation += 1
