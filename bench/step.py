@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> None:
     from dsparse.models import build_model
 
     deepspeed.init_distributed()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     model = build_model(args.model, args.vocab, args.seq_len)
     if args.layers:
         model.model.layers = model.model.layers[: args.layers]

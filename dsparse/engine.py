@@ -299,8 +299,10 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if not dist.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
-    if torch.cuda.is_available() and sparsity.enabled:
-        model.to(get_accelerator().current_device_name())  # prune on the GPU (DeepSpeed moves it there anyway)
+    if torch.cuda.is_available():
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))  # as DeepSpeed's engine will
+        if sparsity.enabled:
+            model.to(get_accelerator().current_device_name())  # prune on this rank's GPU (DeepSpeed moves it there)
     state = SparseTraining.prepare(model, sparsity, zero_stage)
     params = state.param_groups(model, optimizer, model_parameters)
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(

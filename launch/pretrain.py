@@ -160,6 +160,8 @@ def train(args: argparse.Namespace) -> None:
     model_config(args.model, args.seq_len)  # refuse a bad --model or --seq_len before any work
     deepspeed.init_distributed(auto_mpi_discovery=True)
     args.local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank))  # MPI discovery sets it only now
+    if torch.cuda.is_available():
+        torch.cuda.set_device(args.local_rank)  # before the first NCCL collective (the data barrier)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     cfg = resolve_config(args)
