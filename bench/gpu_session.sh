@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, in parts that each fit a 10-minute device call.
 #   bash bench/gpu_session.sh tests|speed|step|infer|convergence|nccl
-# Results land in bench/results/ (and are copied to $OUT when set). Needs deepspeed & co.:
+# Results land in bench/results/ (and, packed as results.tgz, in $OUT when set). Needs deepspeed & co.:
 # carry .whl (bash ../shared/device/wheels.sh) and install it first, as the device README says.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +26,5 @@ case "${1:?part}" in
 esac
 status=$?
 python3 -m bench.report >/dev/null 2>&1
-[ -n "${OUT:-}" ] && cp bench/results/*.json bench/results/*.png "$OUT"/ 2>/dev/null
+[ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" bench/results dsparse/backends/tuned 2>/dev/null
 exit $status
