@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} NCCL_NVLS_ENABLE=0
 DS=$(command -v deepspeed || echo /tmp/site/bin/deepspeed)
 gpu=$(python3 -c "from bench.common import gpu_tag; print(gpu_tag())")
+# tuned plans go to the package's shipped plans for this GPU and cuSPARSELt version
+export DSPARSE_PLANS=${DSPARSE_PLANS:-$(python3 -c "from dsparse.backends.plans import TUNED_DIR, device_key
+print(f'{TUNED_DIR}/plans_{device_key()}.json')")}
 case "${1:?part}" in
   tests)        python3 -m pytest -q -m gpu tests kernels ;;
   speed)        timeout 240 python3 -m bench.tune --tokens 8192,16384
