@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from typing import Any
@@ -107,7 +106,6 @@ def to_universal(ckpt_dir: str, tag: str | None = None, workers: int = 1) -> str
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
                     "--output_folder", dst, "--inject_missing_state", "--num_extract_workers", str(workers),
                     "--num_merge_workers", str(workers)], check=True)
-    shutil.copy(os.path.join(src, MANIFEST), os.path.join(dst, MANIFEST))
     write_manifest(dst, {**{k: v for k, v in manifest.items() if k != "format"}, "universal_from": tag})
     atomic_write_text(os.path.join(ckpt_dir, "latest_universal"), dst_tag)
     return dst_tag

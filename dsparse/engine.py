@@ -156,11 +156,9 @@ class SparseTraining:
         """Called once per applied optimizer step: mask schedule, operand refresh, phase changes."""
         if not self.layers:
             return
-        freq = self.config.mask_change_freq
-        mask_due = freq > 0 and self.step % freq == freq - 1 and not self.layers[0].dense_mode
         changed = []
-        for layer in self.layers:  # one layer gathered at a time under ZeRO-3
-            with self._gathered([layer._param] if mask_due else []):
+        for layer in self.layers:  # one layer gathered at a time under ZeRO-3, only when its mask changes
+            with self._gathered([layer._param] if layer.mask_change_due() else []):
                 changed.append(layer.on_optimizer_step())
         if any(changed) and self.config.check_masks:
             check_mask_agreement(self.layers, self.step)

@@ -60,12 +60,11 @@ def _values_region(packed: torch.Tensor, rows: int, kept: int) -> torch.Tensor:
 
 def _compress_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Compress a (rows, cols) 2:4 operand whose metadata marks ``slots``, holding ``values``."""
-    ones = torch.ones_like(values)
-    packed = torch._cslt_compress(nm.scatter_kept(ones, slots, 2, 4))
-    if _inplace_layout_ok(values.dtype, values.device):
-        _values_region(packed, *values.shape).copy_(values)
-        return packed
-    return torch._cslt_compress(nm.scatter_kept(values, slots, 2, 4))
+    if not _inplace_layout_ok(values.dtype, values.device):
+        return torch._cslt_compress(nm.scatter_kept(values, slots, 2, 4))
+    packed = torch._cslt_compress(nm.scatter_kept(torch.ones_like(values), slots, 2, 4))
+    _values_region(packed, *values.shape).copy_(values)
+    return packed
 
 
 def _inplace_layout_ok(dtype: torch.dtype, device: torch.device) -> bool:
@@ -143,8 +142,12 @@ class CusparseltBackend(Backend):
         return CompressedOperands(weight, weight_t, slots_t, values.shape[0], idx.shape[1] * 2)
 
     def refresh(self, ops: CompressedOperands, values, idx, keep_t, n, m, *, dx="sparse") -> CompressedOperands:
-        if dx != "sparse" or not _inplace_layout_ok(values.dtype, values.device):
+        if not _inplace_layout_ok(values.dtype, values.device):
             return self.prepare(values, idx, keep_t, n, m, dx=dx)
+        if dx != "sparse":  # W in place; the dense dX operand (if any) rebuilt from the values
+            _values_region(ops.weight, *values.shape).copy_(values)
+            ops.weight_t = nm.dense_from_kept(values, idx, n, m) if dx == "dense" else None
+            return ops
         from kernels import transpose_values  # one Triton pass writes both values regions
 
         transpose_values(values, idx, keep_t, ops.slots_t, out=_values_region(ops.weight_t, *ops.slots_t.shape),

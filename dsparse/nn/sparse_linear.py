@@ -260,15 +260,19 @@ class SparseLinear(nn.Module):
         else:
             self.keep_t.copy_(nm.transpose_keep(values, self.idx, self.n, self.m))
 
-    @torch.no_grad()
-    def on_optimizer_step(self) -> bool:
-        """Advance the mask schedule by one applied optimizer step; True when ``W̃ᵀ``'s mask was re-chosen.
+    def mask_change_due(self) -> bool:
+        """Whether the next applied optimizer step re-chooses ``W̃ᵀ``'s mask.
 
         As in the SLoPe reference, the mask changes after the step whose count (before
         it) satisfies ``step % freq == freq - 1``: after every ``freq``-th step.
         """
         freq = self.mask_change_freq if self.double_prune else 0
-        changed = freq > 0 and self._host_step % freq == freq - 1 and not self.dense_mode
+        return freq > 0 and self._host_step % freq == freq - 1 and not self.dense_mode
+
+    @torch.no_grad()
+    def on_optimizer_step(self) -> bool:
+        """Advance the mask schedule by one applied optimizer step; True when ``W̃ᵀ``'s mask was re-chosen."""
+        changed = self.mask_change_due()
         if changed:
             self.update_transpose_mask()
         self.mark_values_changed()
