@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks, in parts that each fit a 10-minute device call.
-#   bash bench/gpu_session.sh tests|speed|step|infer|convergence|nccl
+# The GPU checks and benchmarks, in parts that each fit a 10-minute device call (several per call where
+# they fit):   bash bench/gpu_session.sh PART [PART ...]
+#   tests        pytest -m gpu over tests/ and kernels/
+#   speed        tune the cuSPARSELt plans, then the layer and kernel benchmarks
+#   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse
+#   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
+#   infer        prefill/decode of exported models vs dense
+#   convergence  gpt2-small dense vs dsparse vs static at equal tokens
+#   nccl         the 2-GPU engine test and step benchmark (needs 2 GPUs)
 # Results land in bench/results/ (and, packed as results.tgz, in $OUT when set). Needs deepspeed & co.:
 # carry .whl (bash ../shared/device/wheels.sh) and install it first, as the device README says.
 set -uo pipefail
@@ -11,23 +18,43 @@ gpu=$(python3 -c "from bench.common import gpu_tag; print(gpu_tag())")
 # tuned plans go to the package's shipped plans for this GPU and cuSPARSELt version
 export DSPARSE_PLANS=${DSPARSE_PLANS:-$(python3 -c "from dsparse.backends.plans import TUNED_DIR, device_key
 print(f'{TUNED_DIR}/plans_{device_key()}.json')")}
-case "${1:?part}" in
-  tests)        python3 -m pytest -q -m gpu tests kernels ;;
-  speed)        timeout 240 python3 -m bench.tune --tokens 8192,16384
-                timeout 200 python3 -m bench.layer
-                timeout 90 python3 -m bench.kernels --no-sweep ;;
-  step)         for m in dense sparse static; do
-                  timeout 150 "$DS" --num_gpus 1 bench/step.py --mode $m --out /tmp/step_$m.json; done
-                python3 -m bench.step --merge /tmp/step_{dense,sparse,static}.json --result bench/results/engine_${gpu}.json ;;
-  infer)        timeout 500 python3 -m bench.infer ;;
-  convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
-  nccl)         python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py
-                for m in dense sparse; do
-                  timeout 150 "$DS" --num_gpus 2 bench/step.py --mode $m --out /tmp/step2_$m.json; done
-                python3 -m bench.step --merge /tmp/step2_{dense,sparse}.json --result bench/results/engine_${gpu}x2.json ;;
-  *)            echo "unknown part $1" >&2; exit 2 ;;
-esac
-status=$?
-python3 -m bench.report >/dev/null 2>&1
-[ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" bench/results dsparse/backends/tuned 2>/dev/null
+runs=bench/results/step_runs
+mkdir -p $runs
+
+step() {  # step GPUS MODEL LABEL ARGS...: one timed engine run into $runs/MODEL_LABEL.json
+  local gpus=$1 model=$2 label=$3; shift 3
+  timeout 140 "$DS" --num_gpus "$gpus" bench/step.py --model "$model" --out "$runs/${model}_${label}.json" "$@"
+}
+merge() {  # merge RESULT FILES...
+  local result=$1; shift
+  python3 -m bench.step --merge "$@" --result "$result"
+}
+
+status=0
+for part in "$@"; do
+  echo "=== $part $(date +%T)"
+  case "$part" in
+    tests)        timeout 240 python3 -m pytest -q -m gpu tests kernels ;;
+    speed)        timeout 240 python3 -m bench.tune --tokens 8192,16384
+                  timeout 200 python3 -m bench.layer
+                  timeout 90 python3 -m bench.kernels --no-sweep ;;
+    step)         step 1 llama-1b dense --mode dense; step 1 llama-1b sparse --mode sparse
+                  merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
+    step-more)    step 1 llama-1b static --mode static
+                  step 1 llama-1b dense_gc --mode dense --grad_ckpt; step 1 llama-1b sparse_gc --mode sparse --grad_ckpt
+                  merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json
+                  step 1 llama-7b dense --mode dense --layers 4 --micro_batch_size 4
+                  step 1 llama-7b sparse --mode sparse --layers 4 --micro_batch_size 4
+                  merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_*.json ;;
+    infer)        timeout 400 python3 -m bench.infer ;;
+    convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
+    nccl)         python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py
+                  step 2 llama-1b dense_x2 --mode dense; step 2 llama-1b sparse_x2 --mode sparse
+                  merge bench/results/engine_${gpu}x2.json $runs/llama-1b_*_x2.json ;;
+    *)            echo "unknown part $part" >&2; exit 2 ;;
+  esac
+  status=$(( status | $? ))
+  python3 -m bench.report >/dev/null 2>&1
+  [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" bench/results dsparse/backends/tuned README.md 2>/dev/null
+done
 exit $status

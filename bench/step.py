@@ -7,8 +7,9 @@ One process group per mode (peak memory must not mix), e.g. on one GPU::
 
 Each run builds the model from a preset (random weights, random tokens), trains
 ``--warmup`` steps, then times ``--steps`` optimizer steps (median, CUDA-synchronised)
-and records peak GPU memory and dsparse's memory report. ``--merge`` writes both modes
-and their ratios (dense / sparse for time, sparse / dense for memory) to one JSON.
+and records peak GPU memory and dsparse's memory report. ``--merge`` writes all runs and
+each one's ratios against the dense run of the same kind (dense / sparse for time,
+sparse / dense for memory; ``--grad_ckpt`` runs against the dense ``--grad_ckpt`` run) to one JSON.
 """
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ def run(args: argparse.Namespace) -> None:
 
     deepspeed.init_distributed()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    model = build_model(args.model, args.vocab, args.seq_len)
+    with torch.device("cuda", torch.cuda.current_device()):  # initialise on the GPU: minutes faster at 1B+
+        model = build_model(args.model, args.vocab, args.seq_len)
+    if args.grad_ckpt:  # activations recomputed in backward: weights and optimizer state dominate memory
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.layers:
         model.model.layers = model.model.layers[: args.layers]
         model.config.num_hidden_layers = args.layers
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
     times.sort()
     step_s = times[len(times) // 2]
     tokens = args.micro_batch_size * args.seq_len * dist.get_world_size()
-    result = {"mode": args.mode, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
+    result = {"mode": args.mode, "grad_ckpt": args.grad_ckpt, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -87,6 +91,11 @@ def run(args: argparse.Namespace) -> None:
               f"peak {result['peak_memory_gib']:.2f} GiB", flush=True)
 
 
+def _label(row: dict) -> str:
+    """A run's name in the merged result: its mode, ``+grad_ckpt`` when activations were recomputed, ``xN`` GPUs."""
+    return row["mode"] + ("+grad_ckpt" if row.get("grad_ckpt") else "") + (f"x{row['gpus']}" if row["gpus"] > 1 else "")
+
+
 def merge(paths: list[str], result_path: str) -> None:
     from bench.common import write_result
 
@@ -94,13 +103,16 @@ def merge(paths: list[str], result_path: str) -> None:
     for path in paths:
         with open(path) as f:
             row = json.load(f)
-        runs[row["mode"]] = row
-    env = runs["dense"].pop("environment", None)
+        runs[_label(row)] = row
+    env = next(row["environment"] for row in runs.values() if "environment" in row)
     for row in runs.values():
         row.pop("environment", None)
-    ratios = {mode: {"speedup": runs["dense"]["step_s_median"] / row["step_s_median"],
-                     "memory_ratio": row["peak_memory_gib"] / runs["dense"]["peak_memory_gib"]}
-              for mode, row in runs.items() if mode != "dense"}
+    ratios = {}
+    for label, row in runs.items():
+        dense = runs.get(_label({**row, "mode": "dense"}))
+        if row["mode"] != "dense" and dense is not None:
+            ratios[label] = {"speedup": dense["step_s_median"] / row["step_s_median"],
+                             "memory_ratio": row["peak_memory_gib"] / dense["peak_memory_gib"]}
     write_result(result_path, {"measured_environment": env, "runs": runs, "vs_dense": ratios})
     print(json.dumps(ratios, indent=1))
 
@@ -115,6 +127,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--micro_batch_size", type=int, default=8)
     parser.add_argument("--zero", type=int, default=2)
+    parser.add_argument("--grad_ckpt", action="store_true",
+                        help="activation checkpointing (HF gradient_checkpointing_enable); compared with dense run the same way")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--out", default="step.json")
