@@ -40,13 +40,14 @@ for part in "$@"; do
                   timeout 90 python3 -m bench.kernels --no-sweep ;;
     step)         step 1 llama-1b dense --mode dense; step 1 llama-1b sparse --mode sparse
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
-    step-more)    step 1 llama-1b static --mode static
-                  step 1 llama-1b dense_gc --mode dense --grad_ckpt; step 1 llama-1b sparse_gc --mode sparse --grad_ckpt
+    step-more)    step 1 llama-1b dense_gc --mode dense --grad_ckpt; step 1 llama-1b sparse_gc --mode sparse --grad_ckpt
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json
                   step 1 llama-7b dense --mode dense --layers 4 --micro_batch_size 4
                   step 1 llama-7b sparse --mode sparse --layers 4 --micro_batch_size 4
-                  merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_*.json ;;
-    infer)        timeout 400 python3 -m bench.infer ;;
+                  merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_*.json
+                  step 1 llama-1b static --mode static
+                  merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
+    infer)        timeout 200 python3 -m bench.infer ;;
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
     nccl)         python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py
                   step 2 llama-1b dense_x2 --mode dense; step 2 llama-1b sparse_x2 --mode sparse

@@ -6,7 +6,7 @@ onto its output), with adapter ranks 0, 1.56% and 6.25% of each layer's smaller 
 Weights are random (speed does not depend on them). Ratios are against the dense model
 measured in the same process.
 
-    python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 64
+    python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 16
 """
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ def measure(model, args, device) -> dict:
             "weight_gib": weight_bytes(model) / 2**30}
 
 
+def _write(results: dict, args: argparse.Namespace) -> None:
+    base = results["dense"]
+    ratios = {name: {"prefill_speedup": base["prefill_ms"] / r["prefill_ms"],
+                     "decode_speedup": base["decode_ms"] / r["decode_ms"],
+                     "weight_memory_ratio": r["weight_gib"] / base["weight_gib"]}
+              for name, r in results.items() if name != "dense"}
+    print(ratios, flush=True)
+    write_result(args.out or f"bench/results/infer_{gpu_tag()}.json",
+                 {"args": vars(args), "results": results, "vs_dense": ratios})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-1b")
@@ -53,8 +64,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--decode_prompt", type=int, default=128)
-    parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--new_tokens", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--ranks", default="0,0.0156,0.0625", help="adapter rank fractions (0: none)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", default="auto")
@@ -62,7 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16
-    dense = build_model(args.model, args.vocab, args.prompt).to(device, dtype).eval()
+    with device:  # initialise on the device: a 1B model builds in seconds there
+        dense = build_model(args.model, args.vocab, args.prompt).to(dtype).eval()
     results = {"dense": measure(dense, args, device)}
     print(f"dense: {results['dense']}", flush=True)
     state = {k: v.cpu() for k, v in dense.state_dict().items()}
@@ -70,9 +82,10 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
     for fraction in [float(f) for f in args.ranks.split(",")]:
-        model = build_model(args.model, args.vocab, args.prompt)
+        with device:
+            model = build_model(args.model, args.vocab, args.prompt)
         model.load_state_dict(state)
-        sparsify(model.to(device), {"backend": args.backend})
+        sparsify(model, {"backend": args.backend})
         if fraction > 0:
             gen = torch.Generator().manual_seed(0)
             for _, layer in sparse_modules(model):
@@ -88,17 +101,10 @@ def main() -> None:
         name = f"sparse_r{fraction:g}"
         results[name] = measure(loaded, args, device)
         print(f"{name}: {results[name]}", flush=True)
+        _write(results, args)  # after every variant: a run cut off by its time limit keeps what it measured
         del loaded
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
-    base = results["dense"]
-    ratios = {name: {"prefill_speedup": base["prefill_ms"] / r["prefill_ms"],
-                     "decode_speedup": base["decode_ms"] / r["decode_ms"],
-                     "weight_memory_ratio": r["weight_gib"] / base["weight_gib"]}
-              for name, r in results.items() if name != "dense"}
-    print(ratios, flush=True)
-    write_result(args.out or f"bench/results/infer_{gpu_tag()}.json",
-                 {"args": vars(args), "results": results, "vs_dense": ratios})
 
 
 if __name__ == "__main__":

@@ -56,8 +56,11 @@ def engine_table() -> list[str]:
     for name, data in _load("bench/results/engine_*.json"):
         if "vs_dense" not in data:
             continue
-        lines += [f"**Training step** (`{name}`)", "", "| mode | GPUs | step time | tokens/s | peak memory | vs dense |",
-                  "|---|---|---|---|---|---|"]
+        first = next(iter(data["runs"].values()))
+        lines += [f"**Training step** (`{name}`; {first['model']}, {first['layers']} layers, ZeRO-{first['zero_stage']} "
+                  f"bf16, {first['micro_batch_size']}x{first['seq_len']} tokens per GPU; "
+                  f"{_env(data.get('measured_environment') or data['environment'])})", "",
+                  "| mode | GPUs | step time | tokens/s | peak memory | vs dense |", "|---|---|---|---|---|---|"]
         for mode, run in data["runs"].items():
             ratio = data["vs_dense"].get(mode)
             rel = f"{ratio['speedup']:.2f}x speed, {ratio['memory_ratio']:.2f}x memory" if ratio else "-"
@@ -67,8 +70,37 @@ def engine_table() -> list[str]:
     return lines
 
 
+def infer_table() -> list[str]:
+    lines = []
+    for name, data in _load("bench/results/infer_*.json"):
+        a = data["args"]
+        lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens, "
+                  f"decode {a['new_tokens']} tokens; {_env(data['environment'])})",
+                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []),
+                  "", "| model | prefill | decode | weight memory |", "|---|---|---|---|"]
+        for variant, r in data["vs_dense"].items():
+            lines.append(f"| {variant} | {r['prefill_speedup']:.2f}x | {r['decode_speedup']:.2f}x | "
+                         f"{r['weight_memory_ratio']:.2f}x |")
+        lines.append("")
+    return lines
+
+
+def convergence_table() -> list[str]:
+    lines = []
+    for name, data in _load("bench/results/convergence_*.json"):
+        runs = data["runs"]
+        lines += [f"**Convergence** (`{name}`, plot `{data['plot']}`; {_env(data['environment'])}): equal tokens", "",
+                  "| mode | tokens | final val loss | gap vs dense | tokens/s |", "|---|---|---|---|---|"]
+        for mode, run in runs.items():
+            gap = data["final_val_loss_gap_vs_dense"].get(mode)
+            lines.append(f"| {mode} | {run['tokens']} | {run['val'][-1][1]:.3f} | "
+                         f"{'-' if gap is None else f'{gap:+.3f}'} | {run['tokens_per_s_median']:.0f} |")
+        lines.append("")
+    return lines
+
+
 def render() -> str:
-    body = engine_table() + layer_table() + kernel_table()
+    body = engine_table() + infer_table() + convergence_table() + layer_table() + kernel_table()
     return "\n".join(body or ["No GPU results yet: run the benchmarks in bench/ on a GPU."])
 
 

@@ -88,7 +88,8 @@ def load_for_inference(export_dir: str, device: str | torch.device | None = None
     with open(os.path.join(export_dir, META)) as f:
         meta = json.load(f)
     config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device(device or "cpu"):  # build, prune and load where it will run (fast on a GPU)
+        model = AutoModelForCausalLM.from_config(config)
     layers = meta["layers"]
     if layers:
         names = [f"^{re.escape(name)}$" for name in layers]
