@@ -96,10 +96,8 @@ def main() -> None:
                 dtype = DTYPES[dname]
                 row = {"in": in_f, "out": out_f, "tokens": tokens, "dtype": dname,
                        "dense": bench_dense(in_f, out_f, tokens, dtype)}
-                saved = dict(plans._PLANS)
-                plans._PLANS.clear()
-                row["sparse_default"] = bench_sparse(in_f, out_f, tokens, dtype)
-                plans._PLANS.update(saved)
+                with plans.default_plans_only():
+                    row["sparse_default"] = bench_sparse(in_f, out_f, tokens, dtype)
                 row["sparse_tuned"] = bench_sparse(in_f, out_f, tokens, dtype)
                 for variant in ("sparse_default", "sparse_tuned"):
                     row[f"speedup_{variant}"] = {k: row["dense"][k] / row[variant][k]

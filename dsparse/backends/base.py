@@ -41,6 +41,11 @@ class Backend(abc.ABC):
         """Operands after the values changed but the masks did not (may update ``ops`` in place)."""
         return self.prepare(values, idx, keep_t, n, m, dx=dx)
 
+    def release_sources(self, ops: Any) -> Any:
+        """Drop every reference ``ops`` holds to the training state (kept values, masks), so that
+        state can be freed (inference); products then run from the compressed operands alone."""
+        return ops
+
     @abc.abstractmethod
     def linear(self, ops: Any, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x2d @ Wᵀ + bias`` for ``x2d`` of shape ``(tokens, in)``."""

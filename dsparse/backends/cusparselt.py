@@ -21,7 +21,7 @@ recompresses instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,26 @@ class CompressedOperands:
     slots_t: torch.Tensor | None  # uint8 (in, out/2): W̃ᵀ's two slots per group of 4 along out (dx="sparse")
     out_features: int
     in_features: int
+    # what the operands were built from (None once frozen for inference: then only sparse products run),
+    # and the dense operands that products whose plan is a dense GEMM use (built on first use,
+    # rebuilt at every refresh once they exist)
+    source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # values, idx, keep_t
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # "fwd": M⊙W (out, in); "dx": W̃ᵀ (in, out)
+
+    def dense_operand(self, role: str) -> torch.Tensor:
+        """``A`` of ``x @ Aᵀ`` for ``role`` as a dense matrix (for dense plans)."""
+        if role not in self.dense:
+            values, idx, keep_t = self.source
+            self.dense[role] = (nm.dense_from_kept(values, idx, 2, 4) if role == "fwd"
+                                else nm.dense_transpose_from_kept(values, idx, keep_t, 2, 4)).contiguous()
+        return self.dense[role]
+
+    def rebind(self, values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor) -> None:
+        """New values (same masks): rebuild the dense operands in use."""
+        self.source = (values, idx, keep_t)
+        for role in list(self.dense):
+            del self.dense[role]
+            self.dense_operand(role)
 
 
 def cusparselt_available() -> bool:
@@ -136,10 +156,12 @@ class CusparseltBackend(Backend):
         weight = _compress_slots(values, idx)
         if dx != "sparse":
             weight_dx = nm.dense_from_kept(values, idx, n, m) if dx == "dense" else None
-            return CompressedOperands(weight, weight_dx, None, values.shape[0], idx.shape[1] * 2)
+            return CompressedOperands(weight, weight_dx, None, values.shape[0], idx.shape[1] * 2,
+                                      source=(values, idx, keep_t))
         slots_t = _slots(idx, keep_t)
         weight_t = _compress_slots(_t_values(values, idx, keep_t, slots_t), slots_t)
-        return CompressedOperands(weight, weight_t, slots_t, values.shape[0], idx.shape[1] * 2)
+        return CompressedOperands(weight, weight_t, slots_t, values.shape[0], idx.shape[1] * 2,
+                                  source=(values, idx, keep_t))
 
     def refresh(self, ops: CompressedOperands, values, idx, keep_t, n, m, *, dx="sparse") -> CompressedOperands:
         if not _inplace_layout_ok(values.dtype, values.device):
@@ -147,16 +169,25 @@ class CusparseltBackend(Backend):
         if dx != "sparse":  # W in place; the dense dX operand (if any) rebuilt from the values
             _values_region(ops.weight, *values.shape).copy_(values)
             ops.weight_t = nm.dense_from_kept(values, idx, n, m) if dx == "dense" else None
-            return ops
-        from kernels import transpose_values  # one Triton pass writes both values regions
+        else:
+            from kernels import transpose_values  # one Triton pass writes both values regions
 
-        transpose_values(values, idx, keep_t, ops.slots_t, out=_values_region(ops.weight_t, *ops.slots_t.shape),
-                         values_out=_values_region(ops.weight, *values.shape))
+            transpose_values(values, idx, keep_t, ops.slots_t, out=_values_region(ops.weight_t, *ops.slots_t.shape),
+                             values_out=_values_region(ops.weight, *values.shape))
+        ops.rebind(values, idx, keep_t)
+        return ops
+
+    def release_sources(self, ops: CompressedOperands) -> CompressedOperands:
+        ops.source = None
+        ops.dense.clear()
         return ops
 
     def linear(self, ops: CompressedOperands, x2d, bias):
         plan = plan_for("fwd", x2d.shape[0], ops.in_features, ops.out_features, x2d.dtype)
-        return _sparse_mm(ops.weight, x2d, None if bias is None else bias.to(x2d.dtype), plan)
+        bias = None if bias is None else bias.to(x2d.dtype)
+        if plan.dense and ops.source is not None:
+            return torch.nn.functional.linear(x2d, ops.dense_operand("fwd"), bias)
+        return _sparse_mm(ops.weight, x2d, bias, plan)
 
     def grad_input(self, ops: CompressedOperands, dy2d):
         if ops.weight_t is None:
@@ -164,6 +195,8 @@ class CusparseltBackend(Backend):
         if ops.slots_t is None:  # no double pruning: (M⊙W)ᵀ is not 2:4 along out
             return dy2d.mm(ops.weight_t)
         plan = plan_for("dx", dy2d.shape[0], ops.out_features, ops.in_features, dy2d.dtype)
+        if plan.dense and ops.source is not None:
+            return torch.nn.functional.linear(dy2d, ops.dense_operand("dx"))
         return _sparse_mm(ops.weight_t, dy2d, None, plan)
 
 

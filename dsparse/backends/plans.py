@@ -1,33 +1,45 @@
-"""Per-shape execution plans for the cuSPARSELt products.
+"""Per-shape execution plans for a sparse layer's two products.
 
-A plan says how one sparse product runs: cuSPARSELt's algorithm id and whether
-cuSPARSELt writes the result transposed (row-major ``(tokens, features)``) or the backend
-copies it there. ``python -m bench.tune`` times every alternative per shape and saves the
-winners. Plans load once per process: first the tuned plans shipped for this GPU and
-cuSPARSELt version (``dsparse/backends/tuned/``), then the user's cache
-(:func:`default_cache_path`, overridable with ``DSPARSE_PLANS``). A product whose token
-count was not tuned uses the plan of the nearest tuned count; a shape never tuned uses the
-plan that won most often for its role and dtype on this GPU; without any tuned plans,
-cuSPARSELt's default (algorithm 0, untransposed result).
+A plan says how one product runs: cuSPARSELt's algorithm id and whether cuSPARSELt
+writes the result transposed (row-major ``(tokens, features)``) or the backend copies it
+there, or a dense GEMM on the decompressed operand where that is faster (small,
+launch-bound layers). Plans are chosen by measurement (:mod:`.tuning`) and load once per
+process: first the tuned plans shipped for this GPU and cuSPARSELt version
+(``dsparse/backends/tuned/``), then the user's cache (:func:`default_cache_path`,
+overridable with ``DSPARSE_PLANS``). A product uses the plan tuned for its shape at the
+nearest token count within a factor of two. A shape seen for the first time is tuned on
+the spot, once, and the choice is added to the user's cache, so no product ever runs on
+an unmeasured guess; ``DSPARSE_AUTOTUNE=0`` turns that off (such products then run on
+cuSPARSELt's default, algorithm 0 untransposed).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Plan:
     alg_id: int = 0
     transpose_result: bool = False
+    dense: bool = False  # faster as a dense GEMM on the decompressed operand (alg_id etc.: the best sparse way)
 
 
 DEFAULT_PLAN = Plan()
+TOKEN_REACH = 2.0  # a plan tuned at T tokens serves products of T / 2 .. 2 T tokens
 _PLANS: dict[tuple[str, int, int, str], dict[int, Plan]] = {}  # (role, k, n, dtype) -> {tokens: plan}
+_CHOSEN: dict[tuple[str, int, int, int, str], Plan] = {}  # (role, tokens, k, n, dtype) -> plan: the hot-path memo
+_LOCK = threading.RLock()  # the backward runs on autograd's thread
 _loaded = False
+_default_only = False
 TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 
@@ -36,27 +48,83 @@ def _shape_key(role: str, k: int, n: int, dtype: torch.dtype | str) -> tuple[str
 
 
 def plan_for(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
-    """The plan for ``(tokens, k) x (k, n)``; ``role`` is ``"fwd"`` or ``"dx"``."""
+    """The plan for ``(tokens, k) x (k, n)``; ``role`` is ``"fwd"`` or ``"dx"``. Tunes unseen shapes (see module doc)."""
+    if _default_only:
+        return DEFAULT_PLAN
+    memo_key = (role, tokens, k, n, dtype)
+    plan = _CHOSEN.get(memo_key)
+    if plan is None:
+        with _LOCK:
+            plan = _choose(role, tokens, k, n, dtype)
+            _CHOSEN[memo_key] = plan
+    return plan
+
+
+def _choose(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
     if not _loaded:
         load_default_plans()
+    plan = _tuned(role, tokens, k, n, dtype)
+    if plan is not None:
+        return plan
+    if not (autotune_enabled() and torch.cuda.is_available()) or torch.cuda.is_current_stream_capturing():
+        return DEFAULT_PLAN
+    from .tuning import tune_product
+
+    plan, _ = tune_product(n, k, _bucket(tokens), dtype)
+    log.info("dsparse: tuned %s (tokens %d, k %d, n %d, %s): %s", role, tokens, k, n, dtype, plan)
+    set_plan(role, _bucket(tokens), k, n, dtype, plan)
+    try:
+        save_plans(default_cache_path())
+    except OSError as e:  # a read-only home: the plan still holds for this process
+        log.warning("dsparse: could not cache tuned plans at %s: %s", default_cache_path(), e)
+    return plan
+
+
+def _tuned(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan | None:
     by_tokens = _PLANS.get(_shape_key(role, k, n, dtype))
     if not by_tokens:
-        return _most_common(role, str(dtype).removeprefix("torch."))
+        return None
     nearest = min(by_tokens, key=lambda t: (abs(t - tokens), t))
-    return by_tokens[nearest]
+    return by_tokens[nearest] if nearest / TOKEN_REACH <= tokens <= nearest * TOKEN_REACH else None
 
 
-def _most_common(role: str, dtype: str) -> Plan:
-    wins: dict[Plan, int] = {}
-    for (r, _, _, d), by_tokens in _PLANS.items():
-        if r == role and d == dtype:
-            for plan in by_tokens.values():
-                wins[plan] = wins.get(plan, 0) + 1
-    return max(wins, key=lambda p: (wins[p], -p.alg_id)) if wins else DEFAULT_PLAN
+def _bucket(tokens: int) -> int:
+    """The token count a new plan is tuned at: the next power of two (at least 8), so a run
+    with varying token counts tunes a few buckets, not every count."""
+    return max(8, 1 << (max(tokens, 1) - 1).bit_length())
+
+
+def autotune_enabled() -> bool:
+    """Whether unseen shapes are tuned on first use (``DSPARSE_AUTOTUNE=0`` turns it off)."""
+    return os.environ.get("DSPARSE_AUTOTUNE", "1") != "0"
 
 
 def set_plan(role: str, tokens: int, k: int, n: int, dtype: torch.dtype | str, plan: Plan) -> None:
-    _PLANS.setdefault(_shape_key(role, k, n, dtype), {})[int(tokens)] = plan
+    """Install ``plan`` for a product shape at ``tokens`` (and forget earlier choices made from the old table)."""
+    with _LOCK:
+        _PLANS.setdefault(_shape_key(role, k, n, dtype), {})[int(tokens)] = plan
+        _CHOSEN.clear()
+
+
+def clear_plans() -> None:
+    """Forget every installed plan (the next product loads the shipped plans and cache again)."""
+    global _loaded
+    with _LOCK:
+        _PLANS.clear()
+        _CHOSEN.clear()
+        _loaded = False
+
+
+@contextlib.contextmanager
+def default_plans_only():
+    """Run every product on cuSPARSELt's default plan inside the block (no tuned plans, no
+    tuning): the benchmarks' untuned baseline."""
+    global _default_only
+    previous, _default_only = _default_only, True
+    try:
+        yield
+    finally:
+        _default_only = previous
 
 
 def device_key() -> str:
@@ -79,7 +147,7 @@ def save_plans(path: str | os.PathLike) -> None:
     rows = [{"role": key[0], "tokens": tokens, "k": key[1], "n": key[2], "dtype": key[3], **asdict(plan)}
             for key, by_tokens in _PLANS.items() for tokens, plan in by_tokens.items()]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # ranks sharing a file system each write their own, then replace
     with open(tmp, "w") as f:
         json.dump(rows, f, indent=1)
     os.replace(tmp, path)
@@ -92,7 +160,7 @@ def load_plans(path: str | os.PathLike) -> int:
         rows = json.load(f)
     for row in rows:
         set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"],
-                 Plan(int(row["alg_id"]), bool(row["transpose_result"])))
+                 Plan(int(row["alg_id"]), bool(row["transpose_result"]), bool(row.get("dense", False))))
     _loaded = True
     return len(rows)
 

@@ -236,6 +236,7 @@ class SparseLinear(nn.Module):
         self._inference = (backend, ops)
         self._cache = None
         if release_state:
+            backend.release_sources(ops)
             for tensor in (param, self.idx, self.keep_t):
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             param.requires_grad_(False)

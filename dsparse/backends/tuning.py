@@ -1,0 +1,98 @@
+"""Measure, per product shape, the fastest way to run a sparse layer's GEMM, and pick it.
+
+A product is ``x2d (tokens, k) @ Aᵀ`` with ``A (rows, k)`` 2:4 along ``k``: the forward
+(``A = W``) or the input gradient (``A = W̃ᵀ``). The candidates are cuSPARSELt's
+algorithms with the result written transposed or not, run exactly as the backend runs
+them (:func:`dsparse.backends.cusparselt._sparse_mm`), and a dense GEMM on the
+decompressed ``A`` (what dsparse falls back to where sparse loses, e.g. on small layers
+that are launch-bound). A short eager screen times every cuSPARSELt algorithm with the
+transposed result and algorithm 0 untransposed (on an H100 the untransposed layout was
+never within 30% of the best); the fastest few, the default and the dense GEMM are then
+timed again. Results are checked against algorithm 0, so a broken algorithm is never
+chosen; times are eager (launch overhead included), which is what a training step pays.
+
+Used on first sight of an untuned shape by :func:`dsparse.backends.plans.plan_for`, and
+by ``python -m bench.tune`` (with CUDA-graph timing of the finalists) to ship plans.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import nm
+from ..timing import time_ms
+from .plans import Plan
+
+SCREEN = {"warmup": 0, "iters": 3, "inner": 1}  # every candidate, eager, after a first call checked its result
+FINAL = {"warmup": 2, "iters": 7, "inner": 5}  # the finalists
+FINALISTS, NEAR = 4, 1.10  # re-time up to this many screened candidates within 10% of the fastest
+MAX_ERROR = 1e-2  # relative to algorithm 0's result
+
+
+def alg_count(packed: torch.Tensor, x: torch.Tensor) -> int:
+    """How many algorithm ids to try: the fewer cuSPARSELt offers of the two result layouts
+    (it offers fp16 ids with a transposed result that crash: see ``cslt_binding.alg_count``)."""
+    from . import cslt_binding
+
+    if cslt_binding.available(x.dtype, x.device):
+        return min(cslt_binding.alg_count(packed.shape[0], x.shape[1], x.shape[0], x.dtype, transpose)
+                   for transpose in (False, True))
+    return int(torch._C._cusparselt.mm_search(packed, x.t(), None, None, None, False)[3])
+
+
+def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: bool = False,
+                 dense: bool = True) -> tuple[Plan, list[dict]]:
+    """The fastest plan for ``x (tokens, k) @ Aᵀ``, ``A (rows, k)`` 2:4, on the current GPU, and every timing.
+
+    ``graph``: time the finalists as CUDA graph replays (kernels alone) instead of eagerly.
+    ``dense``: include the dense GEMM as a candidate.
+    """
+    from .cusparselt import _compress_slots, _sparse_mm
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (dropout, data) untouched
+    w = torch.randn(rows, k, device=device, dtype=dtype, generator=gen)
+    idx = nm.kept_positions(nm.nm_mask(w.abs().float(), 2, 4), 2, 4)
+    kept = nm.gather_kept(w, idx, 4)
+    packed = _compress_slots(kept, idx)
+    w_dense = nm.dense_from_kept(kept, idx, 2, 4).contiguous()
+    x = torch.randn(tokens, k, device=device, dtype=dtype, generator=gen)
+    want = _sparse_mm(packed, x, None, Plan(0, False)).float()
+    final = {**FINAL, "graph": graph}
+
+    def run(plan: Plan) -> torch.Tensor:
+        return torch.nn.functional.linear(x, w_dense) if plan.dense else _sparse_mm(packed, x, None, plan)
+
+    table: list[dict] = []
+
+    def screen(plan: Plan) -> None:
+        row = {"alg_id": plan.alg_id, "transpose_result": plan.transpose_result, "dense": plan.dense}
+        try:
+            err = ((run(plan).float() - want).norm() / want.norm()).item()
+            if err > MAX_ERROR:
+                row["error"] = f"wrong result: relative error {err:.2g} from algorithm 0"
+            else:
+                row["screen_ms"] = time_ms(lambda: run(plan), **SCREEN)
+        except RuntimeError as e:  # an algorithm this shape does not support
+            row["error"] = str(e).splitlines()[0]
+        table.append(row)
+
+    for alg in range(alg_count(packed, x)):
+        screen(Plan(alg, True))
+    screen(Plan(0, False))
+    if dense:
+        screen(Plan(dense=True))
+    screened = sorted((r for r in table if "screen_ms" in r), key=lambda r: r["screen_ms"])
+    finalists = [r for r in screened[:FINALISTS] if r["screen_ms"] <= NEAR * screened[0]["screen_ms"]]
+    for r in table:  # the default and the dense GEMM are always timed, to compare
+        if "screen_ms" in r and r not in finalists and (r["dense"] or (r["alg_id"], r["transpose_result"]) == (0, False)):
+            finalists.append(r)
+    for r in finalists:
+        r["ms"] = time_ms(lambda: run(_plan(r)), **final)
+    best_sparse = min((r for r in finalists if not r["dense"]), key=lambda r: r["ms"])
+    best = min(finalists, key=lambda r: r["ms"])
+    # a dense winner keeps the best sparse algorithm: what runs where no dense operand may be kept (inference)
+    return Plan(best_sparse["alg_id"], best_sparse["transpose_result"], dense=best["dense"]), table
+
+
+def _plan(row: dict) -> Plan:
+    return Plan(row["alg_id"], row["transpose_result"], row["dense"])

@@ -1,0 +1,80 @@
+"""Plans on the GPU: tuning picks a correct, measured way; dense plans compute what sparse ones do."""
+import pytest
+import torch
+
+from dsparse import SparseLinear
+from dsparse.backends import plans
+from dsparse.backends.plans import Plan
+from dsparse.backends.tuning import tune_product
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARSE_PLANS", str(tmp_path / "plans.json"))
+    plans.clear_plans()
+    yield
+    plans.clear_plans()
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("rows, k, tokens", [(768, 768, 4096), (2304, 768, 8192)])
+def test_tuning_times_sparse_and_dense_and_keeps_a_sparse_fallback(rows, k, tokens):
+    plan, table = tune_product(rows, k, tokens, torch.bfloat16)
+    assert any(r["dense"] and "ms" in r for r in table)  # the dense GEMM was a finalist
+    assert any((r["alg_id"], r["transpose_result"], r["dense"]) == (0, False, False) and "ms" in r for r in table)
+    best = min(r["ms"] for r in table if "ms" in r)
+    chosen = next(r["ms"] for r in table if "ms" in r and r["dense"] == plan.dense
+                  and (plan.dense or (r["alg_id"], r["transpose_result"]) == (plan.alg_id, plan.transpose_result)))
+    assert chosen == best
+    sparse = [r for r in table if not r["dense"] and (r["alg_id"], r["transpose_result"]) ==
+              (plan.alg_id, plan.transpose_result)]
+    assert sparse and "error" not in sparse[0]  # the fallback algorithm ran correctly
+
+
+def test_an_unseen_shape_is_tuned_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARSE_AUTOTUNE", "1")
+    plan = plans.plan_for("fwd", 1000, 768, 3072, torch.bfloat16)
+    assert (tmp_path / "plans.json").exists()
+    plans.clear_plans()  # a new process: the cache is read, nothing is tuned again
+    assert plans.plan_for("fwd", 1024, 768, 3072, torch.bfloat16) == plan
+
+
+@pytest.mark.parametrize("dense_role", ["fwd", "dx", "both"])
+def test_dense_plans_match_the_reference_before_and_after_a_step(dense_role):
+    torch.manual_seed(0)
+    tokens, inp, out = 512, 768, 1024
+    fast = SparseLinear(inp, out, backend="cusparselt").to("cuda", torch.bfloat16)
+    ref = SparseLinear(inp, out, backend="reference").to("cuda", torch.bfloat16)
+    ref.load_state_dict(fast.state_dict())
+    for role, k, n in (("fwd", inp, out), ("dx", out, inp)):
+        plans.set_plan(role, tokens, k, n, torch.bfloat16, Plan(0, False, dense=dense_role in (role, "both")))
+    for step in range(2):
+        x = torch.randn(tokens, inp, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(tokens, out, device="cuda", dtype=torch.bfloat16)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [layer(xi) for layer, xi in zip((fast, ref), xs)]
+        assert _rel(*ys) < 1e-2
+        for y in ys:
+            y.backward(dy)
+        assert _rel(xs[0].grad, xs[1].grad) < 1e-2
+        with torch.no_grad():  # an optimizer step on both
+            for layer in (fast, ref):
+                layer.values.add_(layer.values.grad, alpha=-0.5)
+                layer.values.grad = None
+                layer.on_optimizer_step()
+
+
+def test_inference_without_training_state_runs_dense_plans_sparse():
+    torch.manual_seed(0)
+    layer = SparseLinear(768, 768, backend="cusparselt").to("cuda", torch.bfloat16)
+    x = torch.randn(256, 768, device="cuda", dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x, layer.effective_weight(), layer.bias)
+    plans.set_plan("fwd", 256, 768, 768, torch.bfloat16, Plan(0, True, dense=True))
+    layer.prepare_inference(release_state=True)
+    assert layer.values.numel() == 0
+    assert _rel(layer(x), want) < 1e-2

@@ -1,0 +1,93 @@
+"""Plan lookup, caching and the dense-fallback flag (the parts that need no GPU)."""
+import json
+
+import pytest
+import torch
+
+from dsparse.backends import plans
+from dsparse.backends.plans import DEFAULT_PLAN, Plan
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARSE_PLANS", str(tmp_path / "plans.json"))
+    plans.clear_plans()
+    yield
+    plans.clear_plans()
+
+
+def test_a_plan_serves_token_counts_within_a_factor_of_two():
+    tuned = Plan(17, True)
+    plans.set_plan("fwd", 8192, 4096, 11008, torch.bfloat16, tuned)
+    for tokens in (4096, 5000, 8192, 16384):
+        assert plans.plan_for("fwd", tokens, 4096, 11008, torch.bfloat16) == tuned
+    # out of reach, another role, shape or dtype: not this plan (and no GPU here to tune one)
+    assert plans.plan_for("fwd", 2048, 4096, 11008, torch.bfloat16) == DEFAULT_PLAN
+    assert plans.plan_for("fwd", 32768, 4096, 11008, torch.bfloat16) == DEFAULT_PLAN
+    assert plans.plan_for("dx", 8192, 4096, 11008, torch.bfloat16) == DEFAULT_PLAN
+    assert plans.plan_for("fwd", 8192, 4096, 4096, torch.bfloat16) == DEFAULT_PLAN
+    assert plans.plan_for("fwd", 8192, 4096, 11008, torch.float16) == DEFAULT_PLAN
+
+
+def test_the_nearest_tuned_token_count_wins():
+    plans.set_plan("dx", 4096, 1024, 2048, torch.float16, Plan(3, True))
+    plans.set_plan("dx", 16384, 1024, 2048, torch.float16, Plan(6, False))
+    assert plans.plan_for("dx", 6000, 1024, 2048, torch.float16) == Plan(3, True)
+    assert plans.plan_for("dx", 12000, 1024, 2048, torch.float16) == Plan(6, False)
+
+
+def test_installing_a_plan_replaces_earlier_choices():
+    assert plans.plan_for("fwd", 8192, 768, 768, torch.bfloat16) == DEFAULT_PLAN
+    plans.set_plan("fwd", 8192, 768, 768, torch.bfloat16, Plan(4, True, dense=True))
+    assert plans.plan_for("fwd", 8192, 768, 768, torch.bfloat16) == Plan(4, True, dense=True)
+
+
+def test_default_plans_only_overrides_tuned_plans_inside_the_block():
+    plans.set_plan("fwd", 8192, 768, 768, torch.bfloat16, Plan(4, True))
+    with plans.default_plans_only():
+        assert plans.plan_for("fwd", 8192, 768, 768, torch.bfloat16) == DEFAULT_PLAN
+    assert plans.plan_for("fwd", 8192, 768, 768, torch.bfloat16) == Plan(4, True)
+
+
+def test_plans_round_trip_through_json_with_the_dense_flag(tmp_path):
+    plans.set_plan("fwd", 8192, 768, 3072, torch.bfloat16, Plan(6, True, dense=True))
+    plans.set_plan("dx", 8192, 3072, 768, torch.bfloat16, Plan(17, True))
+    path = tmp_path / "saved.json"
+    plans.save_plans(path)
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+    plans.clear_plans()
+    assert plans.load_plans(path) == 2
+    assert plans.plan_for("fwd", 8192, 768, 3072, torch.bfloat16) == Plan(6, True, dense=True)
+    assert plans.plan_for("dx", 8192, 3072, 768, torch.bfloat16) == Plan(17, True)
+
+
+def test_plan_files_from_before_the_dense_flag_still_load(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps([{"role": "fwd", "tokens": 8192, "k": 2048, "n": 2048, "dtype": "bfloat16",
+                                 "alg_id": 20, "transpose_result": True}]))
+    plans.load_plans(path)
+    assert plans.plan_for("fwd", 8192, 2048, 2048, torch.bfloat16) == Plan(20, True, dense=False)
+
+
+def test_the_shipped_h100_plans_parse():
+    import glob
+    import os
+
+    files = glob.glob(os.path.join(plans.TUNED_DIR, "plans_*.json"))
+    assert files
+    for path in files:
+        assert plans.load_plans(path) > 0
+
+
+@pytest.mark.parametrize("tokens, bucket", [(1, 8), (8, 8), (9, 16), (4096, 4096), (5000, 8192)])
+def test_new_plans_are_tuned_at_power_of_two_token_buckets(tokens, bucket):
+    assert plans._bucket(tokens) == bucket
+
+
+def test_autotuning_is_on_unless_turned_off(monkeypatch):
+    monkeypatch.delenv("DSPARSE_AUTOTUNE", raising=False)
+    assert plans.autotune_enabled()
+    monkeypatch.setenv("DSPARSE_AUTOTUNE", "0")
+    assert not plans.autotune_enabled()
+    monkeypatch.setenv("DSPARSE_AUTOTUNE", "1")
+    assert plans.autotune_enabled()
