@@ -1,4 +1,5 @@
-"""Dense vs dsparse (SLoPe) vs static single-pruned 2:4 at equal tokens: validation loss and speed.
+"""Dense vs dsparse (SLoPe) vs static single-pruned 2:4 (vs dsparse with MVUE weight gradients) at
+equal tokens: validation loss and speed.
 
 Runs ``launch/pretrain.py`` once per mode with the same model, data, schedule and seed,
 then writes ``bench/results/convergence_<gpu>.json`` (each mode's validation curve and
@@ -17,7 +18,7 @@ import sys
 from bench.common import gpu_tag, write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = {"dense": ["--dense"], "dsparse": [], "static": ["--no_double_prune"]}
+MODES = {"dense": ["--dense"], "dsparse": [], "static": ["--no_double_prune"], "dsparse_mvue": ["--mvue_dw"]}
 
 
 def run_mode(mode: str, args: argparse.Namespace, common: list[str]) -> dict:
@@ -65,12 +66,13 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--modes", default="dense,dsparse,static")
     parser.add_argument("--work_dir", default="runs/convergence")
+    parser.add_argument("--out", default=None, help="result JSON (default bench/results/convergence_<gpu>.json)")
     args = parser.parse_args()
     common = ["--model", args.model, "--max_steps", str(args.max_steps), "--seq_len", str(args.seq_len),
               "--micro_batch_size", str(args.micro_batch_size), "--lr", str(args.lr), "--eval_every",
               str(args.eval_every), "--save_every", str(10**9), "--max_mb", str(args.max_mb), "--log_every", "10"]
-    tag = gpu_tag()
-    png = os.path.join(ROOT, "bench", "results", f"convergence_{tag}.png")
+    result = args.out or os.path.join(ROOT, "bench", "results", f"convergence_{gpu_tag()}.json")
+    png = result.removesuffix(".json") + ".png"
     results: dict[str, dict] = {}
     for mode in args.modes.split(","):  # the result is rewritten after every mode: a cut-off run keeps what it has
         results[mode] = run_mode(mode, args, common)
@@ -78,8 +80,7 @@ def main() -> None:
         gaps = {m: res["val"][-1][1] - dense_final for m, res in results.items()
                 if dense_final is not None and m != "dense"}
         plot(results, png)
-        write_result(os.path.join(ROOT, "bench", "results", f"convergence_{tag}.json"),
-                     {"runs": results, "final_val_loss_gap_vs_dense": gaps, "plot": os.path.relpath(png, ROOT)})
+        write_result(result, {"runs": results, "final_val_loss_gap_vs_dense": gaps, "plot": os.path.relpath(png, ROOT)})
     print(json.dumps(gaps, indent=1))
 
 

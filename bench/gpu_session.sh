@@ -2,11 +2,12 @@
 # The GPU checks and benchmarks, in parts that each fit a 10-minute device call (several per call where
 # they fit):   bash bench/gpu_session.sh PART [PART ...]
 #   tests        pytest -m gpu over tests/ and kernels/
-#   speed        tune the cuSPARSELt plans, then the layer and kernel benchmarks
+#   speed        tune the plans, then the layer (MVUE dW included) and kernel benchmarks
 #   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
 #   infer        prefill/decode of exported models vs dense
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
+#   convergence-mvue  the same, dense vs dsparse with MVUE weight gradients
 #   nccl         the 2-GPU engine test and step benchmark (needs 2 GPUs)
 # Results land in bench/results/ (and, packed as results.tgz, in $OUT when set). Needs deepspeed & co.:
 # carry .whl (bash ../shared/device/wheels.sh) and install it first, as the device README says.
@@ -49,6 +50,8 @@ for part in "$@"; do
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
     infer)        timeout 200 python3 -m bench.infer ;;
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
+    convergence-mvue) timeout 400 python3 -m bench.convergence --gpus 1 --modes dense,dsparse_mvue \
+                    --out bench/results/convergence_${gpu}_mvue.json ;;
     nccl)         python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py
                   step 2 llama-1b dense_x2 --mode dense; step 2 llama-1b sparse_x2 --mode sparse
                   merge bench/results/engine_${gpu}x2.json $runs/llama-1b_*_x2.json ;;

@@ -1,4 +1,5 @@
-"""One linear layer, dense vs SparseLinear (cuSPARSELt): fwd, dX, dW, whole step, memory.
+"""One linear layer, dense vs SparseLinear (cuSPARSELt): fwd, dX, dW (exact, and MVUE as a sparse GEMM),
+whole step, memory.
 
 Every ratio is dense time / sparse time from the same run on the same GPU. Times are
 eager (what a training step pays, launch overhead included); the ``*_graph`` columns
@@ -18,6 +19,7 @@ from bench.common import gpu_tag, time_ms, write_result
 from bench.tune import DTYPES, parse_shapes
 from dsparse import SparseLinear
 from dsparse.backends import plans
+from dsparse.backends.base import padded_tokens
 
 
 def _bytes(*tensors: torch.Tensor) -> int:
@@ -60,15 +62,23 @@ def bench_sparse(in_f: int, out_f: int, tokens: int, dtype: torch.dtype) -> dict
     dy = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
     backend, ops = layer._operands()
     values = layer.values.detach()
+    rand = torch.rand(out_f, padded_tokens(tokens) // 2, device="cuda")
 
     def step():
         layer(x).backward(dy)
         layer.values.grad = x.grad = None
 
+    def step_mvue():
+        layer.mvue_dw = True
+        step()
+        layer.mvue_dw = False
+
     return {
+        "step_mvue": time_ms(step_mvue),
         "fwd": time_ms(lambda: backend.linear(ops, x, None)),
         "dx": time_ms(lambda: backend.grad_input(ops, dy)),
         "dw": time_ms(lambda: backend.grad_values(dy, x, layer.idx, 2, 4)),
+        "dw_mvue": time_ms(lambda: backend.grad_values(dy, x, layer.idx, 2, 4, rand)),  # sparse_linear's mvue_dw
         "step": time_ms(step),
         "fwd_graph": time_ms(lambda: backend.linear(ops, x, None), graph=True),
         "dx_graph": time_ms(lambda: backend.grad_input(ops, dy), graph=True),
@@ -102,12 +112,14 @@ def main() -> None:
                 for variant in ("sparse_default", "sparse_tuned"):
                     row[f"speedup_{variant}"] = {k: row["dense"][k] / row[variant][k]
                                                  for k in ("fwd", "dx", "dw", "step", "fwd_graph", "dx_graph")}
+                    row[f"speedup_{variant}"]["dw_mvue"] = row["dense"]["dw"] / row[variant]["dw_mvue"]
+                    row[f"speedup_{variant}"]["step_mvue"] = row["dense"]["step"] / row[variant]["step_mvue"]
                 row["memory_ratio"] = row["sparse_tuned"]["weight_state_mb"] / row["dense"]["weight_state_mb"]
                 s = row["speedup_sparse_tuned"]
                 print(f"{in_f:5d}x{out_f:<5d} T={tokens:5d} {dname}: fwd {s['fwd']:.2f}x dx {s['dx']:.2f}x "
                       f"dw {s['dw']:.2f}x step {s['step']:.2f}x (default plan step "
                       f"{row['speedup_sparse_default']['step']:.2f}x) graph fwd {s['fwd_graph']:.2f}x "
-                      f"dx {s['dx_graph']:.2f}x", flush=True)
+                      f"dx {s['dx_graph']:.2f}x; MVUE dw {s['dw_mvue']:.2f}x step {s['step_mvue']:.2f}x", flush=True)
                 rows.append(row)
                 write_result(args.out or f"bench/results/layer_{gpu_tag()}.json", {"rows": rows})  # after every row
 

@@ -29,11 +29,13 @@ def layer_table() -> list[str]:
             continue
         lines += [f"**Layer** (`{name}`; {_env(data['environment'])}): dense time / sparse time, same run",
                   *([f"", f"_{data['provenance']}_"] if "provenance" in data else []),
-                  "", "| in x out | tokens | dtype | fwd | dX | dW | whole step |", "|---|---|---|---|---|---|---|"]
+                  "", "| in x out | tokens | dtype | fwd | dX | dW | whole step | MVUE dW | MVUE step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             s = r["speedup_sparse_tuned"]
+            mvue = [f"{s[k]:.2f}x" if k in s else "-" for k in ("dw_mvue", "step_mvue")]
             lines.append(f"| {r['in']}x{r['out']} | {r['tokens']} | {r['dtype']} | {s['fwd']:.2f}x | {s['dx']:.2f}x "
-                         f"| {s['dw']:.2f}x | {s['step']:.2f}x |")
+                         f"| {s['dw']:.2f}x | {s['step']:.2f}x | {mvue[0]} | {mvue[1]} |")
         lines.append("")
     return lines
 

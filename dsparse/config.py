@@ -92,6 +92,7 @@ class SparsityConfig:
     dense_warmup_steps: int = 0
     total_steps: int | None = None
     check_masks: bool = True  # checksum all-reduce at mask changes: every rank must agree
+    mvue_dw: bool = False  # weight gradient from an unbiased (MVUE) 2:4 sparsification of dYᵀ (FST)
     adapters: AdapterConfig | None = None
 
     def __post_init__(self) -> None:

@@ -134,3 +134,24 @@ def dense_transpose_from_kept(
 ) -> torch.Tensor:
     """The dense ``(in, out)`` view of the double-pruned ``W̃ᵀ`` (a transposed view)."""
     return scatter_kept(torch.where(keep_t, values, torch.zeros_like(values)), idx, n, m).t()
+
+
+def mvue_pairs(t: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
+    """Unbiased 1:2 (hence 2:4) sparsification of ``t`` along its last dim, of minimum variance.
+
+    In each pair ``(a, b)`` one entry survives, ``a`` with probability ``|a| / (|a| + |b|)``,
+    and it becomes ``sign · (|a| + |b|)``, so the expectation is ``t`` itself (Chmiel et al.,
+    "Minimum variance unbiased N:M sparsity for the neural gradients", as in FST). ``rand``:
+    uniform ``[0, 1)`` numbers of shape ``(*t.shape[:-1], t.shape[-1] // 2)``. Computed in fp32,
+    returned in ``t``'s dtype.
+    """
+    if t.shape[-1] % 2:
+        raise ValueError(f"mvue_pairs needs an even last dimension, got shape {tuple(t.shape)}")
+    pairs = t.float().reshape(*t.shape[:-1], -1, 2)
+    mag = pairs.abs()
+    total = mag.sum(-1)
+    first = rand < torch.where(total > 0, mag[..., 0] / total.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+    value = torch.sign(torch.where(first, pairs[..., 0], pairs[..., 1])) * total
+    zero = torch.zeros_like(value)
+    out = torch.stack([torch.where(first, value, zero), torch.where(first, zero, value)], dim=-1)
+    return out.reshape(t.shape).to(t.dtype)

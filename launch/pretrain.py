@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense", action="store_true", help="train without sparsity (the comparison baseline)")
     p.add_argument("--no_double_prune", action="store_true",
                    help="static single-pruned 2:4: dX uses the forward mask's transpose (a dense GEMM)")
+    p.add_argument("--mvue_dw", action="store_true",
+                   help="weight gradients from an unbiased 2:4 (MVUE) sparsification of dY (a sparse GEMM on GPUs)")
     p.add_argument("--pattern", default=None, help="N:M pattern (default: config's, 2:4)")
     p.add_argument("--dense_warmup_steps", type=int, default=0, help="dense steps before pruning")
     p.add_argument("--adapter_start", type=float, default=0.99,
@@ -109,6 +111,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     sparsity["dense_warmup_steps"] = args.dense_warmup_steps
     if args.no_double_prune:
         sparsity["double_prune"] = False
+    if args.mvue_dw:
+        sparsity["mvue_dw"] = True
     if args.adapter_start >= 1.0:
         sparsity.pop("adapters", None)
     else:

@@ -106,3 +106,11 @@ def test_config_roundtrip():
 
 def test_public_api():
     assert {"sparsify", "sparse_modules", "SparseLinear", "SparsityConfig"} <= set(dsparse.__all__)
+
+
+def test_mvue_dw_reaches_every_layer_with_its_own_seed():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    sparsify(model, {"mvue_dw": True, "exclude_output_head": False, "backend": "reference"})
+    layers = [m for _, m in sparse_modules(model)]
+    assert len(layers) == 2 and all(layer.mvue_dw for layer in layers)
+    assert len({layer.mvue_seed for layer in layers}) == 2

@@ -233,3 +233,69 @@ def test_without_double_pruning_input_grad_uses_the_forward_mask():
     torch.testing.assert_close(layer.effective_weight_t(), layer.effective_weight().t())
     torch.testing.assert_close(x.grad, dy @ layer.effective_weight().detach())
     assert not layer.on_optimizer_step()  # no W̃ᵀ mask to re-choose
+
+
+# ----------------------------------------------------------------- MVUE weight gradient
+def test_mvue_pairs_keeps_one_per_pair_with_the_pair_mass():
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 32, generator=gen)
+    t[0, :2] = 0.0  # an all-zero pair stays zero
+    t[1, 2] = 0.0  # a pair with one zero keeps the other, exactly
+    s = nm.mvue_pairs(t, torch.rand(6, 16, generator=gen))
+    pairs, kept = t.view(6, 16, 2), s.view(6, 16, 2)
+    assert ((kept != 0).sum(-1) <= 1).all()
+    assert torch.allclose(kept.abs().sum(-1), pairs.abs().sum(-1))
+    nonzero = kept != 0
+    assert (torch.sign(kept[nonzero]) == torch.sign(pairs[nonzero])).all()
+    assert (kept[0, 0] == 0).all() and kept[1, 1, 1] == pairs[1, 1, 1] and kept[1, 1, 0] == 0
+    # 2:4 along the last dim: at most 2 nonzeros in each group of 4
+    assert ((s.view(6, 8, 4) != 0).sum(-1) <= 2).all()
+
+
+def test_mvue_pairs_is_unbiased():
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randn(4, 64, generator=gen, dtype=torch.float64)
+    draws = 4000
+    mean = sum(nm.mvue_pairs(t, torch.rand(4, 32, generator=gen, dtype=torch.float64)) for _ in range(draws)) / draws
+    pair_mass = t.abs().view(4, 32, 2).sum(-1, keepdim=True).expand(4, 32, 2).reshape(4, 64)
+    std = (pair_mass * t.abs() - t**2).clamp_min(0).sqrt() / draws**0.5  # per-entry standard error
+    assert ((mean - t).abs() <= 5 * std + 1e-12).all()
+
+
+def test_mvue_weight_gradient_is_the_kept_part_of_the_sparsified_product():
+    torch.manual_seed(0)
+    layer = SparseLinear(32, 16, bias=False, backend="reference", mvue_dw=True, mvue_seed=3)
+    x = torch.randn(2, 9, 32)  # 18 tokens: padded to 32 inside
+    dy = torch.randn(2, 9, 16)
+    layer(x).backward(dy)
+    rand = torch.rand(16, 16, generator=torch.Generator().manual_seed(hash((3, 0, 0)) & (2**63 - 1)))
+    dy_pad = torch.nn.functional.pad(dy.reshape(18, 16), (0, 0, 0, 14))
+    x_pad = torch.nn.functional.pad(x.reshape(18, 32), (0, 0, 0, 14))
+    want = nm.gather_kept(nm.mvue_pairs(dy_pad.t(), rand).mm(x_pad), layer.idx, 4)
+    torch.testing.assert_close(layer.values.grad, want)
+    exact = nm.gather_kept(dy.reshape(18, 16).t().mm(x.reshape(18, 32)), layer.idx, 4)
+    assert not torch.allclose(layer.values.grad, exact)
+
+
+def test_mvue_draws_depend_on_step_and_micro_batch_only():
+    def grads(layer, micro_batches):
+        out = []
+        for x, dy in micro_batches:
+            layer.values.grad = None
+            layer(x).backward(dy)
+            out.append(layer.values.grad.clone())
+        return out
+
+    torch.manual_seed(0)
+    a = SparseLinear(32, 16, backend="reference", mvue_dw=True)
+    b = SparseLinear(32, 16, backend="reference", mvue_dw=True)
+    b.load_state_dict(a.state_dict())
+    batches = [(torch.randn(8, 32), torch.randn(8, 16)) for _ in range(2)]
+    ga = grads(a, batches)
+    assert not torch.equal(ga[0], grads(a, batches[:1])[0])  # the next micro-batch draws anew
+    gb = grads(b, batches)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))  # same step and micro-batches: same draws
+    a.on_optimizer_step()
+    b.on_optimizer_step()
+    assert torch.equal(grads(a, batches[:1])[0], grads(b, batches[:1])[0])
+    assert not torch.equal(grads(a, batches[:1])[0], ga[0])  # another step draws anew

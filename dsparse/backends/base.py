@@ -54,12 +54,41 @@ class Backend(abc.ABC):
     def grad_input(self, ops: Any, dy2d: torch.Tensor) -> torch.Tensor:
         """``dy2d @ W̃`` for ``dy2d`` of shape ``(tokens, out)``: the input gradient."""
 
-    def grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    def grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int,
+                    rand: torch.Tensor | None = None) -> torch.Tensor:
         """The weight gradient at the kept entries only, shape ``(out, in*n/m)``: a dense GEMM
-        reduced to the kept entries (one Triton pass on CUDA, reading the uint8 positions)."""
-        dense = dy2d.t().mm(x2d)
-        if dense.is_cuda:
-            from kernels import gather_kept
+        reduced to the kept entries (one Triton pass on CUDA, reading the uint8 positions).
 
-            return gather_kept(dense, idx, n, m)
-        return nm.gather_kept(dense, idx, m)
+        ``rand`` (uniform, ``(out, padded_tokens(tokens) / 2)``): use the unbiased MVUE 2:4
+        sparsification of ``dYᵀ`` along the tokens (:func:`dsparse.nm.mvue_pairs`) instead of
+        ``dYᵀ`` itself, which backends may run as a sparse GEMM.
+        """
+        if rand is not None:
+            dyt, x2d = mvue_operands(dy2d, x2d, rand)
+            return _gather(dyt.mm(x2d), idx, n, m)
+        return _gather(dy2d.t().mm(x2d), idx, n, m)
+
+
+MVUE_TOKEN_MULTIPLE = 16  # the tokens are padded with zeros to this (cuSPARSELt's sparse operand needs it)
+
+
+def padded_tokens(tokens: int) -> int:
+    """The token count the MVUE weight gradient runs at (zero rows added; they contribute nothing)."""
+    return -(-tokens // MVUE_TOKEN_MULTIPLE) * MVUE_TOKEN_MULTIPLE
+
+
+def mvue_operands(dy2d: torch.Tensor, x2d: torch.Tensor, rand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S(dYᵀ), X)`` with tokens padded by zeros: ``S(dYᵀ)`` ``(out, T)`` 2:4 along T, ``X`` ``(T, in)``."""
+    pad = padded_tokens(dy2d.shape[0]) - dy2d.shape[0]
+    if pad:
+        dy2d = torch.nn.functional.pad(dy2d, (0, 0, 0, pad))
+        x2d = torch.nn.functional.pad(x2d, (0, 0, 0, pad))
+    return nm.mvue_pairs(dy2d.t(), rand), x2d
+
+
+def _gather(dense: torch.Tensor, idx: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    if dense.is_cuda:
+        from kernels import gather_kept
+
+        return gather_kept(dense, idx, n, m)
+    return nm.gather_kept(dense, idx, m)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import nm
-from .base import Backend
+from .base import Backend, _gather, mvue_operands
 from .plans import Plan, plan_for
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -188,6 +188,22 @@ class CusparseltBackend(Backend):
         if plan.dense and ops.source is not None:
             return torch.nn.functional.linear(x2d, ops.dense_operand("fwd"), bias)
         return _sparse_mm(ops.weight, x2d, bias, plan)
+
+    def grad_values(self, dy2d, x2d, idx, n, m, rand=None):
+        """With ``rand``: the MVUE weight gradient as a cuSPARSELt product, ``dW = S(dYᵀ) X``
+        with the 2:4 ``S(dYᵀ)`` compressed per call (the same numbers as the reference)."""
+        if rand is None:
+            return super().grad_values(dy2d, x2d, idx, n, m)
+        from . import cslt_binding
+
+        dyt, x2d = mvue_operands(dy2d, x2d, rand)
+        packed = torch._cslt_compress(dyt)
+        xt = x2d.t().contiguous()  # (in, tokens): the dense operand, k = tokens contiguous
+        if cslt_binding.available(xt.dtype, xt.device):
+            dense = cslt_binding.sparse_mm(packed, xt, None, False, 0)  # (out, in) row-major
+        else:
+            dense = torch._cslt_sparse_mm(packed, xt.t(), transpose_result=False)
+        return _gather(dense, idx, n, m)
 
     def grad_input(self, ops: CompressedOperands, dy2d):
         if ops.weight_t is None:

@@ -53,7 +53,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
                if name and _is_convertible(module) and module is not head and config.selects(name)]
     if not targets:
         logger.warning("dsparse.sparsify: no layer matched include=%s exclude=%s", config.include, config.exclude)
-    for name, module in targets:
+    for index, (name, module) in enumerate(targets):
         n, m = config.pattern_for(name)
         try:
             if str(module.weight.dtype) not in _SUPPORTED_DTYPES:
@@ -61,8 +61,8 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
                                  "float16 or bfloat16 weights")
             sparse = SparseLinear.from_dense(module, pattern=f"{n}:{m}", backend=config.backend,
                                              mask_change_freq=config.mask_change_freq, compress=config.compress,
-                                             double_prune=config.double_prune,
-                                             cache_operands=cache_operands)
+                                             double_prune=config.double_prune, mvue_dw=config.mvue_dw,
+                                             mvue_seed=index, cache_operands=cache_operands)
         except ValueError as e:
             if config.skip_incompatible:
                 logger.warning("dsparse.sparsify: skipping %s (%s): %s", name, type(module).__name__, e)

@@ -60,7 +60,8 @@ class _SparseLinearFunction(torch.autograd.Function):
             _, ops = layer._operands()
             dx = ctx.backend.grad_input(ops, dy2d).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            dvalues = ctx.backend.grad_values(dy2d, x2d, layer.idx, layer.n, layer.m)
+            rand = layer._mvue_rand(dy2d) if layer.mvue_dw else None
+            dvalues = ctx.backend.grad_values(dy2d, x2d, layer.idx, layer.n, layer.m, rand)
             dparam = layer._param_grad(dvalues)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2d.sum(0)
@@ -81,11 +82,16 @@ class SparseLinear(nn.Module):
         compress: False keeps a dense ``weight`` parameter (same numbers; for debugging).
         cache_operands: keep the derived GEMM operands between uses (False for ZeRO-3, where
             a layer's values exist only while gathered).
+        mvue_dw: compute the weight gradient from an unbiased 2:4 sparsification of ``dYᵀ``
+            along the tokens (MVUE, as FST), a sparse GEMM on GPUs; its random choices depend
+            only on ``mvue_seed``, the optimizer step and the micro-batch, so runs and resumes
+            repeat exactly.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, pattern: str = "2:4",
                  backend: str = "auto", mask_change_freq: int = 100, double_prune: bool = True, compress: bool = True,
-                 cache_operands: bool = True, device: Any = None, dtype: torch.dtype | None = None) -> None:
+                 cache_operands: bool = True, mvue_dw: bool = False, mvue_seed: int = 0, device: Any = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.n, self.m = nm.parse_pattern(pattern)
         nm.check_divisible(in_features, self.m, "in_features")
@@ -98,6 +104,8 @@ class SparseLinear(nn.Module):
         self.double_prune = bool(double_prune)
         self.compress = bool(compress)
         self.cache_operands = cache_operands
+        self.mvue_dw, self.mvue_seed = bool(mvue_dw), int(mvue_seed)
+        self._mvue_calls = 0  # weight gradients taken since the last optimizer step
         factory = {"device": device, "dtype": dtype}
         kept = in_features // self.m * self.n
         if self.compress:
@@ -241,6 +249,16 @@ class SparseLinear(nn.Module):
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             param.requires_grad_(False)
 
+    def _mvue_rand(self, dy2d: torch.Tensor) -> torch.Tensor:
+        """Uniform numbers for the MVUE weight gradient of this micro-batch, from a generator seeded
+        by (layer seed, optimizer step, micro-batch): reproducible, and independent of the global RNG."""
+        from ..backends.base import padded_tokens
+
+        seed = hash((self.mvue_seed, self._host_step, self._mvue_calls)) & (2**63 - 1)
+        self._mvue_calls += 1
+        gen = torch.Generator(device=dy2d.device).manual_seed(seed)
+        return torch.rand(self.out_features, padded_tokens(dy2d.shape[0]) // 2, generator=gen, device=dy2d.device)
+
     def mark_values_changed(self) -> None:
         """Tell the layer its values changed behind autograd's back (refreshes the operands on next use)."""
         self._generation += 1
@@ -278,6 +296,7 @@ class SparseLinear(nn.Module):
             self.update_transpose_mask()
         self.mark_values_changed()
         self._host_step += 1
+        self._mvue_calls = 0
         self.mask_step.fill_(self._host_step)
         return changed
 
@@ -376,6 +395,8 @@ class SparseLinear(nn.Module):
             text += ", compress=False"
         if not self.double_prune:
             text += ", double_prune=False"
+        if self.mvue_dw:
+            text += ", mvue_dw=True"
         if self.has_adapter:
             text += f", adapter_rank={self.adapter_rank}, adapter_active={self._host_adapter_active}"
         return text
