@@ -8,6 +8,8 @@
 * :func:`bias_add` — ``y + bias`` (the r = 0 path of :func:`lowrank_addmm`).
 * :func:`gather_kept` — a dense matrix's entries at N:M positions (the weight gradient's
   reduction to the kept entries).
+* :func:`mvue_transpose` — the unbiased 2:4 sparsification of ``dYᵀ`` for MVUE weight
+  gradients, transposed and padded in one pass.
 
 Each has a pure-torch ``*_reference`` next to it. The kernels run compiled on CUDA
 tensors and through the Triton interpreter on CPU tensors (tests only: slow), whatever
@@ -16,6 +18,7 @@ None of them builds an autograd graph.
 """
 from .gather import gather_kept, gather_kept_reference
 from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference
+from .mvue import mvue_transpose, mvue_transpose_reference
 from .masks import transpose_keep_and_slots, transpose_keep_and_slots_reference
 from .refresh import transpose_values, transpose_values_reference
 
@@ -30,4 +33,6 @@ __all__ = [
     "lowrank_addmm_reference",
     "bias_add",
     "bias_add_reference",
+    "mvue_transpose",
+    "mvue_transpose_reference",
 ]

@@ -78,11 +78,18 @@ def padded_tokens(tokens: int) -> int:
 
 
 def mvue_operands(dy2d: torch.Tensor, x2d: torch.Tensor, rand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S(dYᵀ), X)`` with tokens padded by zeros: ``S(dYᵀ)`` ``(out, T)`` 2:4 along T, ``X`` ``(T, in)``."""
-    pad = padded_tokens(dy2d.shape[0]) - dy2d.shape[0]
-    if pad:
-        dy2d = torch.nn.functional.pad(dy2d, (0, 0, 0, pad))
-        x2d = torch.nn.functional.pad(x2d, (0, 0, 0, pad))
+    """``(S(dYᵀ), X)`` with tokens padded by zeros: ``S(dYᵀ)`` ``(out, T)`` 2:4 along T, ``X`` ``(T, in)``.
+
+    On CUDA one Triton pass (:func:`kernels.mvue_transpose`, bit-identical to the torch code)."""
+    tokens = dy2d.shape[0]
+    padded = padded_tokens(tokens)
+    if padded > tokens:
+        x2d = torch.nn.functional.pad(x2d, (0, 0, 0, padded - tokens))
+    if dy2d.is_cuda:
+        from kernels import mvue_transpose
+
+        return mvue_transpose(dy2d, rand, padded), x2d
+    dy2d = torch.nn.functional.pad(dy2d, (0, 0, 0, padded - tokens))
     return nm.mvue_pairs(dy2d.t(), rand), x2d
 
 

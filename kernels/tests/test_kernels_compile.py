@@ -7,7 +7,7 @@ are captured, not run, so the arguments are specialized exactly as on the GPU.
 import pytest
 import torch
 
-from kernels import bias_add, gather_kept, lowrank_addmm, transpose_keep_and_slots, transpose_values
+from kernels import bias_add, gather_kept, lowrank_addmm, mvue_transpose, transpose_keep_and_slots, transpose_values
 from kernels._testing import random_keep_and_slots, random_kept
 from kernels._triton import capture_launches, compile_offline
 
@@ -61,6 +61,12 @@ def test_lowrank_addmm_compiles(arch, dtype):
 def test_gather_kept_compiles(arch, dtype):
     _, idx = random_kept(64, 128, torch.bfloat16, "cpu", "randn")
     _compile(lambda: gather_kept(torch.zeros(64, 128, dtype=dtype), idx, 2, 4), arch)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mvue_transpose_compiles(arch, dtype):
+    _compile(lambda: mvue_transpose(torch.zeros(40, 64, dtype=dtype), torch.zeros(64, 24), 48), arch)
 
 
 def test_bias_add_compiles():
