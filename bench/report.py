@@ -17,6 +17,8 @@ def _load(pattern: str) -> list[tuple[str, dict]]:
 
 
 def _env(env: dict) -> str:
+    if not env.get("gpu"):
+        return f"CPU, torch {env.get('torch')}, triton {env.get('triton')}"
     return (f"{env.get('gpu')}, torch {env.get('torch')}, cuSPARSELt {env.get('cusparselt')}, "
             f"triton {env.get('triton')}")
 
