@@ -16,3 +16,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_plans(tmp_path, monkeypatch):
+    """No GEMM plans installed, and a private plan cache (``DSPARSE_PLANS``) for the test."""
+    from dsparse.backends import plans
+
+    monkeypatch.setenv("DSPARSE_PLANS", str(tmp_path / "plans.json"))
+    plans.clear_plans()
+    yield
+    plans.clear_plans()

@@ -7,13 +7,7 @@ import torch
 from dsparse.backends import plans
 from dsparse.backends.plans import DEFAULT_PLAN, Plan
 
-
-@pytest.fixture(autouse=True)
-def fresh_plans(tmp_path, monkeypatch):
-    monkeypatch.setenv("DSPARSE_PLANS", str(tmp_path / "plans.json"))
-    plans.clear_plans()
-    yield
-    plans.clear_plans()
+pytestmark = pytest.mark.usefixtures("fresh_plans")
 
 
 def test_a_plan_serves_token_counts_within_a_factor_of_two():

@@ -7,15 +7,7 @@ from dsparse.backends import plans
 from dsparse.backends.plans import Plan
 from dsparse.backends.tuning import tune_product
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def fresh_plans(tmp_path, monkeypatch):
-    monkeypatch.setenv("DSPARSE_PLANS", str(tmp_path / "plans.json"))
-    plans.clear_plans()
-    yield
-    plans.clear_plans()
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_plans")]
 
 
 def _rel(a, b):
