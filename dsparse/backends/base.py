@@ -65,8 +65,8 @@ class Backend(abc.ABC):
         """
         if rand is not None:
             dyt, x2d = mvue_operands(dy2d, x2d, rand)
-            return _gather(dyt.mm(x2d), idx, n, m)
-        return _gather(dy2d.t().mm(x2d), idx, n, m)
+            return reduce_to_kept(dyt.mm(x2d), idx, n, m)
+        return reduce_to_kept(dy2d.t().mm(x2d), idx, n, m)
 
 
 MVUE_TOKEN_MULTIPLE = 16  # the tokens are padded with zeros to this (cuSPARSELt's sparse operand needs it)
@@ -93,7 +93,8 @@ def mvue_operands(dy2d: torch.Tensor, x2d: torch.Tensor, rand: torch.Tensor) -> 
     return nm.mvue_pairs(dy2d.t(), rand), x2d
 
 
-def _gather(dense: torch.Tensor, idx: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def reduce_to_kept(dense: torch.Tensor, idx: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """A dense ``(out, in)`` weight gradient's entries at the kept positions ``idx``."""
     if dense.is_cuda:
         from kernels import gather_kept
 

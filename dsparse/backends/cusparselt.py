@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import nm
-from .base import Backend, _gather, mvue_operands
+from .base import Backend, mvue_operands, reduce_to_kept
 from .plans import Plan, plan_for
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -203,7 +203,7 @@ class CusparseltBackend(Backend):
             dense = cslt_binding.sparse_mm(packed, xt, None, False, 0)  # (out, in) row-major
         else:
             dense = torch._cslt_sparse_mm(packed, xt.t(), transpose_result=False)
-        return _gather(dense, idx, n, m)
+        return reduce_to_kept(dense, idx, n, m)
 
     def grad_input(self, ops: CompressedOperands, dy2d):
         if ops.weight_t is None:
