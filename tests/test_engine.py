@@ -1,5 +1,6 @@
 """dsparse on real DeepSpeed (CPU, gloo): 1 rank vs 2 ranks through the deepspeed launcher and mpiexec."""
 import json
+import math
 import os
 
 import pytest
@@ -28,6 +29,7 @@ def runs(tmp_path_factory):
         "eq2": go("deepspeed", "equivalence"),
         "eq_mpi": go("mpiexec", "equivalence", "--stages", "2"),
         "resume": go("deepspeed", "resume"),
+        "resume_mvue": go("deepspeed", "resume", "--stages", "2", "--mvue_dw"),
         "saved": go("deepspeed", "save_for_universal"),
     }
     from dsparse.checkpoint import to_universal
@@ -100,6 +102,15 @@ def test_resume_gives_identical_next_steps_also_across_the_adapter_switch(runs, 
     full = _losses(result["full"])
     for resumed in result["resumed"]:
         assert resumed["client_step"] == resumed["k"]
+        assert _losses(resumed["rows"]) == full[resumed["k"]:]
+
+
+def test_mvue_weight_gradients_train_differently_and_resume_exactly(runs):
+    result = runs["resume_mvue"]["stage2"]
+    full = _losses(result["full"])
+    assert full != _losses(runs["resume"]["stage2"]["full"])  # the flag reaches the layers
+    assert all(math.isfinite(loss) for loss in full)
+    for resumed in result["resumed"]:  # the draws depend on (layer, step, micro-batch) only
         assert _losses(resumed["rows"]) == full[resumed["k"]:]
 
 

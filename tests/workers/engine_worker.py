@@ -24,7 +24,7 @@ import dsparse  # noqa: E402
 from dsparse.distributed import mask_checksum  # noqa: E402
 
 GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 64
-OPTIONS = {"bf16": False, "backend": "auto"}  # set from the command line (GPU runs)
+OPTIONS = {"bf16": False, "backend": "auto", "mvue_dw": False}  # set from the command line
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -39,7 +39,7 @@ def ds_config(stage: int, world: int, ga: int = 1, bf16: bool = False, sparsity:
     bf16 = bf16 or OPTIONS["bf16"]
     if sparsity is None:
         sparsity = {"mask_change_freq": 2, "total_steps": total_steps, "backend": OPTIONS["backend"],
-                    "adapters": {"rank": 4, "start_step": 5, "weight_decay": 0.01}}
+                    "mvue_dw": OPTIONS["mvue_dw"], "adapters": {"rank": 4, "start_step": 5, "weight_decay": 0.01}}
     cfg = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world // ga,
@@ -214,9 +214,10 @@ def main() -> None:
     parser.add_argument("--stages", default="0,1,2,3", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--mvue_dw", action="store_true", help="MVUE weight gradients in the sparse layers")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    OPTIONS.update(bf16=args.bf16, backend=args.backend)
+    OPTIONS.update(bf16=args.bf16, backend=args.backend, mvue_dw=args.mvue_dw)
     deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     result = SCENARIOS[args.scenario](args)
     if dist.get_rank() == 0:
