@@ -64,7 +64,8 @@ class Backend(abc.ABC):
         ``dYᵀ`` itself, which backends may run as a sparse GEMM.
         """
         if rand is not None:
-            dyt, x2d = mvue_operands(dy2d, x2d, rand)
+            dyt = mvue_grad_output(dy2d, rand)
+            x2d = torch.nn.functional.pad(x2d, (0, 0, 0, dyt.shape[1] - x2d.shape[0]))
             return reduce_to_kept(dyt.mm(x2d), idx, n, m)
         return reduce_to_kept(dy2d.t().mm(x2d), idx, n, m)
 
@@ -77,20 +78,17 @@ def padded_tokens(tokens: int) -> int:
     return -(-tokens // MVUE_TOKEN_MULTIPLE) * MVUE_TOKEN_MULTIPLE
 
 
-def mvue_operands(dy2d: torch.Tensor, x2d: torch.Tensor, rand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S(dYᵀ), X)`` with tokens padded by zeros: ``S(dYᵀ)`` ``(out, T)`` 2:4 along T, ``X`` ``(T, in)``.
+def mvue_grad_output(dy2d: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
+    """``S(dYᵀ)`` ``(out, padded_tokens(T))``: 2:4 along the tokens, zero tokens appended.
 
     On CUDA one Triton pass (:func:`kernels.mvue_transpose`, bit-identical to the torch code)."""
     tokens = dy2d.shape[0]
     padded = padded_tokens(tokens)
-    if padded > tokens:
-        x2d = torch.nn.functional.pad(x2d, (0, 0, 0, padded - tokens))
     if dy2d.is_cuda:
         from kernels import mvue_transpose
 
-        return mvue_transpose(dy2d, rand, padded), x2d
-    dy2d = torch.nn.functional.pad(dy2d, (0, 0, 0, padded - tokens))
-    return nm.mvue_pairs(dy2d.t(), rand), x2d
+        return mvue_transpose(dy2d, rand, padded)
+    return nm.mvue_pairs(torch.nn.functional.pad(dy2d, (0, 0, 0, padded - tokens)).t(), rand)
 
 
 def reduce_to_kept(dense: torch.Tensor, idx: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import nm
-from .base import Backend, mvue_operands, reduce_to_kept
+from .base import Backend, mvue_grad_output, reduce_to_kept
 from .plans import Plan, plan_for
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -196,9 +196,10 @@ class CusparseltBackend(Backend):
             return super().grad_values(dy2d, x2d, idx, n, m)
         from . import cslt_binding
 
-        dyt, x2d = mvue_operands(dy2d, x2d, rand)
+        dyt = mvue_grad_output(dy2d, rand)
         packed = torch._cslt_compress(dyt)
-        xt = x2d.t().contiguous()  # (in, tokens): the dense operand, k = tokens contiguous
+        xt = x2d.new_zeros(x2d.shape[1], dyt.shape[1])  # (in, padded tokens): k = tokens contiguous,
+        xt[:, : x2d.shape[0]].copy_(x2d.t())  # transposed and padded in one copy
         if cslt_binding.available(xt.dtype, xt.device):
             dense = cslt_binding.sparse_mm(packed, xt, None, False, 0)  # (out, in) row-major
         else:
