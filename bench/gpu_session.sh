@@ -2,7 +2,10 @@
 # The GPU checks and benchmarks, in parts that each fit a 10-minute device call (several per call where
 # they fit):   bash bench/gpu_session.sh PART [PART ...]
 #   tests        pytest -m gpu over tests/ and kernels/
-#   speed        tune the plans, then the layer (MVUE dW included) and kernel benchmarks
+#   tune         tune the plans of the benchmarked shapes (shipped in dsparse/backends/tuned)
+#   layer        one layer dense vs sparse (MVUE dW included)
+#   kernels      the Triton kernels vs their torch references
+#   overhead     host time per call of one layer's products, and its profile
 #   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
 #   infer        prefill/decode of exported models vs dense
@@ -36,9 +39,10 @@ for part in "$@"; do
   echo "=== $part $(date +%T)"
   case "$part" in
     tests)        timeout 240 python3 -m pytest -q -m gpu tests kernels ;;
-    speed)        timeout 240 python3 -m bench.tune --tokens 8192,16384
-                  timeout 200 python3 -m bench.layer
-                  timeout 90 python3 -m bench.kernels --no-sweep ;;
+    tune)         timeout 240 python3 -m bench.tune --tokens 8192,16384 ;;
+    layer)        timeout 200 python3 -m bench.layer ;;
+    kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
+    overhead)     timeout 120 python3 -m bench.overhead ;;
     step)         step 1 llama-1b dense --mode dense; step 1 llama-1b sparse --mode sparse
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
     step-more)    step 1 llama-1b dense_gc --mode dense --grad_ckpt; step 1 llama-1b sparse_gc --mode sparse --grad_ckpt

@@ -1,0 +1,90 @@
+"""Host (CPU) time per call of one layer's products, dense vs SparseLinear, and where it goes.
+
+At small token counts a training step is bound by how fast the host enqueues kernels, not by
+the GPU: this is what the eager ``bench.layer`` ratios at 4096 tokens pay for. Each call runs
+``iters`` times back to back on so few tokens that the GPU never waits the host; the wall
+time per call is then the host's cost. A cProfile of the sparse step says which Python
+functions it goes to.
+
+    python -m bench.overhead                     # writes bench/results/overhead_<gpu>.json
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import gpu_tag, write_result
+from bench.tune import DTYPES
+from dsparse import SparseLinear
+from dsparse.backends import plans
+
+
+def host_us(fn: Callable[[], object], iters: int = 300) -> float:
+    """Wall-clock microseconds per call of ``fn``, enqueued back to back (GPU work kept tiny)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e6 / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--in_features", type=int, default=4096)
+    parser.add_argument("--out_features", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--out", default=None, help="result JSON (default bench/results/overhead_<gpu>.json)")
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    plans.load_default_plans()
+    in_f, out_f, tokens = args.in_features, args.out_features, args.tokens
+    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
+    w = torch.randn(out_f, in_f, device="cuda", dtype=dtype, requires_grad=True)
+    layer = SparseLinear(in_f, out_f, bias=False, backend="cusparselt").to("cuda", dtype)
+    backend, ops = layer._operands()
+
+    def dense_step():
+        F.linear(x, w).backward(dy)
+        w.grad = x.grad = None
+
+    def sparse_step():
+        layer(x).backward(dy)
+        layer.values.grad = x.grad = None
+
+    result = {
+        "shape": {"in": in_f, "out": out_f, "tokens": tokens, "dtype": args.dtype},
+        "dense_us": {"fwd": host_us(lambda: F.linear(x, w)), "dx": host_us(lambda: dy.mm(w)),
+                     "dw": host_us(lambda: dy.t().mm(x)), "step": host_us(dense_step)},
+        "sparse_us": {"fwd": host_us(lambda: backend.linear(ops, x, None)),
+                      "dx": host_us(lambda: backend.grad_input(ops, dy)),
+                      "dw": host_us(lambda: backend.grad_values(dy, x, layer.idx, 2, 4)),
+                      "operands": host_us(layer._operands), "step": host_us(sparse_step)},
+    }
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(200):
+        sparse_step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    result["sparse_step_profile_200_calls"] = text.getvalue().splitlines()
+    print({k: v for k, v in result.items() if k != "sparse_step_profile_200_calls"})
+    print(text.getvalue())
+    write_result(args.out or f"bench/results/overhead_{gpu_tag()}.json", result)
+
+
+if __name__ == "__main__":
+    main()
