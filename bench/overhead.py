@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import time
 from collections.abc import Callable
@@ -38,14 +39,41 @@ def host_us(fn: Callable[[], object], iters: int = 300) -> float:
     return (time.perf_counter() - start) * 1e6 / iters
 
 
+def _kernel_table(tokens: int, in_f: int, out_f: int, dtype: torch.dtype, layer: SparseLinear) -> list[str]:
+    """torch.profiler's GPU kernels of 20 sparse steps at ``tokens`` (what the GPU runs, and for how long)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
+
+    def step():
+        layer(x).backward(dy)
+        layer.values.grad = x.grad = None
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) * 1e3 / 20
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70)
+    return [f"tokens {tokens}: {wall:.3f} ms per step under the profiler", *table.splitlines()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--in_features", type=int, default=4096)
     parser.add_argument("--out_features", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--profile_tokens", type=int, default=4096, help="tokens of the GPU kernel profile")
     parser.add_argument("--out", default=None, help="result JSON (default bench/results/overhead_<gpu>.json)")
     args = parser.parse_args()
+    # no on-the-spot tuning: at a few tokens it would pick dense GEMMs, and this measures the sparse path
+    os.environ["DSPARSE_AUTOTUNE"] = "0"
     dtype = DTYPES[args.dtype]
     plans.load_default_plans()
     in_f, out_f, tokens = args.in_features, args.out_features, args.tokens
@@ -81,6 +109,7 @@ def main() -> None:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
     result["sparse_step_profile_200_calls"] = text.getvalue().splitlines()
+    result["gpu_kernels_20_steps"] = _kernel_table(args.profile_tokens, in_f, out_f, dtype, layer)
     print({k: v for k, v in result.items() if k != "sparse_step_profile_200_calls"})
     print(text.getvalue())
     write_result(args.out or f"bench/results/overhead_{gpu_tag()}.json", result)
