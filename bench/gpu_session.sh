@@ -52,7 +52,7 @@ for part in "$@"; do
                   merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_*.json
                   step 1 llama-1b static --mode static
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
-    infer)        timeout 200 python3 -m bench.infer ;;
+    infer)        timeout 330 python3 -m bench.infer ;;
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
     convergence-mvue) timeout 400 python3 -m bench.convergence --gpus 1 --modes dense,dsparse_mvue \
                     --out bench/results/convergence_${gpu}_mvue.json ;;

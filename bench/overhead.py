@@ -25,6 +25,7 @@ from bench.common import gpu_tag, write_result
 from bench.tune import DTYPES
 from dsparse import SparseLinear
 from dsparse.backends import plans
+from dsparse.backends.base import padded_tokens
 
 
 def host_us(fn: Callable[[], object], iters: int = 300) -> float:
@@ -39,28 +40,21 @@ def host_us(fn: Callable[[], object], iters: int = 300) -> float:
     return (time.perf_counter() - start) * 1e6 / iters
 
 
-def _kernel_table(tokens: int, in_f: int, out_f: int, dtype: torch.dtype, layer: SparseLinear) -> list[str]:
-    """torch.profiler's GPU kernels of 20 sparse steps at ``tokens`` (what the GPU runs, and for how long)."""
+def _kernel_table(fn: Callable[[], object], label: str, calls: int = 20) -> list[str]:
+    """torch.profiler's GPU kernels of ``calls`` calls of ``fn``: what the GPU runs, and for how long."""
     from torch.profiler import ProfilerActivity, profile
 
-    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype, requires_grad=True)
-    dy = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
-
-    def step():
-        layer(x).backward(dy)
-        layer.values.grad = x.grad = None
-
     for _ in range(5):
-        step()
+        fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            step()
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) * 1e3 / 20
+    wall = (time.perf_counter() - start) * 1e3 / calls
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70)
-    return [f"tokens {tokens}: {wall:.3f} ms per step under the profiler", *table.splitlines()]
+    return [f"{label}: {wall:.3f} ms per call under the profiler", *table.splitlines()]
 
 
 def main() -> None:
@@ -109,8 +103,15 @@ def main() -> None:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
     result["sparse_step_profile_200_calls"] = text.getvalue().splitlines()
-    result["gpu_kernels_20_steps"] = _kernel_table(args.profile_tokens, in_f, out_f, dtype, layer)
-    print({k: v for k, v in result.items() if k != "sparse_step_profile_200_calls"})
+    tokens = args.profile_tokens  # new x and dy: sparse_step reads them from this scope
+    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
+    rand = torch.rand(out_f, padded_tokens(tokens) // 2, device="cuda")
+    result["gpu_kernels_sparse_step"] = _kernel_table(sparse_step, f"sparse step, {tokens} tokens")
+    result["gpu_kernels_mvue_dw"] = _kernel_table(lambda: backend.grad_values(dy, x, layer.idx, 2, 4, rand),
+                                                  f"MVUE weight gradient, {tokens} tokens")
+    print({k: v for k, v in result.items() if k.endswith("_us")})
+    print("\n".join(result["gpu_kernels_mvue_dw"]))
     print(text.getvalue())
     write_result(args.out or f"bench/results/overhead_{gpu_tag()}.json", result)
 
