@@ -6,6 +6,7 @@
 #   layer        one layer dense vs sparse (MVUE dW included)
 #   kernels      the Triton kernels vs their torch references
 #   overhead     host time per call of one layer's products, and its profile
+#   fp8          FP8 (e4m3) 2:4 products vs bf16 and dense FP8
 #   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
 #   infer        prefill/decode of exported models vs dense
@@ -43,6 +44,7 @@ for part in "$@"; do
     layer)        timeout 200 python3 -m bench.layer ;;
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
     overhead)     timeout 120 python3 -m bench.overhead ;;
+    fp8)          timeout 150 python3 -m bench.fp8 ;;
     step)         step 1 llama-1b dense --mode dense; step 1 llama-1b sparse --mode sparse
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
     step-more)    step 1 llama-1b dense_gc --mode dense --grad_ckpt; step 1 llama-1b sparse_gc --mode sparse --grad_ckpt
