@@ -9,6 +9,7 @@
 #   fp8          FP8 (e4m3) 2:4 products vs bf16 and dense FP8
 #   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
+#   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
 #   convergence-mvue  the same, dense vs dsparse with MVUE weight gradients
@@ -54,6 +55,9 @@ for part in "$@"; do
                   merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_*.json
                   step 1 llama-1b static --mode static
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
+    memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
+                  step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
+                  merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;
     infer)        timeout 330 python3 -m bench.infer ;;
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
     convergence-mvue) timeout 400 python3 -m bench.convergence --gpus 1 --modes dense,dsparse_mvue \

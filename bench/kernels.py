@@ -84,7 +84,7 @@ def bench_refresh(in_f: int, out_f: int, dtype: torch.dtype, device: str, timer,
 
     # correctness first
     want = _transpose_values(values, idx, keep_t, slots_t)
-    assert torch.equal(transpose_values(values, idx, keep_t, slots_t), want), "transpose_values mismatch"
+    assert torch.equal(transpose_values(values, idx, keep_t), want), "transpose_values mismatch"
     got_keep, got_slots = transpose_keep_and_slots(values, idx)
     assert torch.equal(got_keep, keep_t) and torch.equal(got_slots, slots_t), "transpose_keep_and_slots mismatch"
 
@@ -98,20 +98,20 @@ def bench_refresh(in_f: int, out_f: int, dtype: torch.dtype, device: str, timer,
         region_w.copy_(values)
         region.copy_(_transpose_values(values, idx, keep_t, slots_t))
 
-    moved = _nbytes(values, idx, keep_t, slots_t, want)
+    moved = _nbytes(values, idx, keep_t, want)
     row = {
         "refresh_torch_ms": timer(lambda: _transpose_values(values, idx, keep_t, slots_t)),
         "refresh_torch_copy_ms": timer(lambda: region.copy_(_transpose_values(values, idx, keep_t, slots_t))),
-        "refresh_kernel_out_ms": timer(lambda: transpose_values(values, idx, keep_t, slots_t, out=region)),
+        "refresh_kernel_out_ms": timer(lambda: transpose_values(values, idx, keep_t, out=region)),
         "refresh_bytes": moved,
         # the whole backend refresh (both operands' values regions)
         "full_refresh_torch_ms": timer(refresh_torch),
-        "full_refresh_kernel_ms": timer(lambda: transpose_values(values, idx, keep_t, slots_t, out=region,
+        "full_refresh_kernel_ms": timer(lambda: transpose_values(values, idx, keep_t, out=region,
                                                                  values_out=region_w)),
     }
     row["full_refresh_speedup"] = row["full_refresh_torch_ms"] / row["full_refresh_kernel_ms"]
     configs = REFRESH_CONFIGS if sweep else [refresh_mod.CONFIG]
-    row["refresh_configs"] = [{"config": cfg, "ms": timer(lambda: transpose_values(values, idx, keep_t, slots_t,
+    row["refresh_configs"] = [{"config": cfg, "ms": timer(lambda: transpose_values(values, idx, keep_t,
                                                                                   config=cfg))} for cfg in configs]
     row["refresh_kernel_ms"] = next(t["ms"] for t in row["refresh_configs"] if t["config"] == refresh_mod.CONFIG) \
         if refresh_mod.CONFIG in configs else row["refresh_configs"][0]["ms"]

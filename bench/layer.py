@@ -85,8 +85,8 @@ def bench_sparse(in_f: int, out_f: int, tokens: int, dtype: torch.dtype) -> dict
         "refresh": time_ms(lambda: backend.refresh(ops, values, layer.idx, layer.keep_t, 2, 4)),
         "prepare": time_ms(lambda: backend.prepare(values, layer.idx, layer.keep_t, 2, 4), iters=5, inner=1),
         # values + gradient + masks + the two compressed operands
-        "weight_state_mb": _bytes(layer.values, layer.values, layer.idx, layer.keep_t, ops.weight, ops.weight_t,
-                                  ops.slots_t) / 2**20,
+        "weight_state_mb": _bytes(layer.values, layer.values, layer.idx, layer.keep_t, ops.weight,
+                                  ops.weight_t) / 2**20,
         "step_peak_mb": _peak_step_mb(step),
     }
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["random_kept", "random_keep_and_slots", "bits"]
+__all__ = ["random_kept", "random_keep_t", "bits"]
 
 
 def _positions_2_4(scores: torch.Tensor) -> torch.Tensor:
@@ -41,13 +41,10 @@ def random_kept(out_features: int, in_features: int, dtype: torch.dtype = torch.
     return values.to(device), idx.to(device)
 
 
-def random_keep_and_slots(out_features: int, in_features: int, device="cpu",
-                          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """An arbitrary bool ``keep_t`` ``(out, in/2)`` and valid ``slots_t`` ``(in, out/2)`` (any 2 of 4, ascending)."""
+def random_keep_t(out_features: int, in_features: int, device="cpu", seed: int = 0) -> torch.Tensor:
+    """An arbitrary bool ``keep_t`` ``(out, in/2)``, independent of any values."""
     gen = torch.Generator().manual_seed(seed)
-    keep_t = torch.rand(out_features, in_features // 2, generator=gen) < 0.5
-    slots_t = _positions_2_4(torch.rand(in_features, out_features, generator=gen))
-    return keep_t.to(device), slots_t.to(device)
+    return (torch.rand(out_features, in_features // 2, generator=gen) < 0.5).to(device)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._triton import DualKernel, check_2d, check_same_device
 
-__all__ = ["transpose_keep_and_slots", "transpose_keep_and_slots_reference", "VALUE_DTYPES"]
+__all__ = ["transpose_keep_and_slots", "transpose_keep_and_slots_reference", "slots_reference", "VALUE_DTYPES"]
 
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CONFIG = {"BLOCK_H": 16, "BLOCK_G": 16, "num_warps": 4}
@@ -156,13 +156,19 @@ def transpose_keep_and_slots_reference(values: torch.Tensor, idx: torch.Tensor) 
     mask_t = _nm_mask_2_4(scores.reshape(rows, in_features).t())  # (in, out/4, 4)
     mask = mask_t.reshape(in_features, rows).t().reshape(rows, kept // 2, 4)
     keep_t = torch.gather(mask, -1, pos).reshape(rows, kept)
-    # slots_t: 2 survives, 1 kept by W only, 0 pruned; top 2, positions ascending
-    score = torch.zeros(rows, kept // 2, 4, dtype=torch.uint8, device=values.device)
-    score.scatter_(-1, pos, (keep_t.to(torch.uint8) + 1).reshape(rows, kept // 2, 2))
+    return keep_t, slots_reference(idx, keep_t)
+
+
+def slots_reference(idx: torch.Tensor, keep_t: torch.Tensor) -> torch.Tensor:
+    """Pure-torch ``slots_t`` ``(in, out/2)``: per in-column and group of 4 along out, the 2 positions
+    scored best (2: W̃ᵀ keeps it, 1: kept by W only, 0: pruned; ties to the lower position), ascending."""
+    rows, kept = idx.shape
+    in_features = kept * 2
+    score = torch.zeros(rows, kept // 2, 4, dtype=torch.uint8, device=idx.device)
+    score.scatter_(-1, idx.long().reshape(rows, kept // 2, 2), (keep_t.to(torch.uint8) + 1).reshape(rows, kept // 2, 2))
     chosen = _nm_mask_2_4(score.reshape(rows, in_features).t().contiguous())  # (in, out/4, 4)
     order = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[..., :2]
-    slots_t = order.to(torch.uint8).reshape(in_features, rows // 2)
-    return keep_t, slots_t
+    return order.to(torch.uint8).reshape(in_features, rows // 2)
 
 
 def transpose_keep_and_slots(values: torch.Tensor, idx: torch.Tensor, *,

@@ -1,7 +1,7 @@
 """Values of the double-pruned transpose W̃ᵀ (2:4), in one pass: the per-step refresh.
 
-After every optimizer step the compressed W̃ᵀ operand gets new values (its mask, and so
-``slots_t``, stays). This kernel reads ``values``/``idx``/``keep_t`` of ``W`` once and
+After every optimizer step the compressed W̃ᵀ operand gets new values (its mask, and so its
+metadata slots, stays). This kernel reads ``values``/``idx``/``keep_t`` of ``W`` once and
 writes W̃ᵀ's kept values, optionally straight into the values region of the compressed
 operand (``out=``), and optionally copies ``values`` into W's own compressed operand in
 the same pass (``values_out=``): the whole cuSPARSELt refresh in one kernel.
@@ -9,9 +9,11 @@ the same pass (``values_out=``): the whole cuSPARSELt refresh in one kernel.
 Tiling: a program owns ``BLOCK_H x BLOCK_G`` whole 4x4 blocks (4 out-rows x one in-group
 of 4 columns). It loads the kept values, positions and ``keep_t`` of its ``4*BLOCK_H``
 out-rows (``2*BLOCK_G`` kept values each), packs the 8 effective positions per block
-(``keep_t`` folded in: a value W̃ᵀ drops gets position 4, which never matches) into one
-int32, transposes values and codes in registers/shared memory (``tl.trans``), and for each
-of its ``4*BLOCK_G`` in-rows writes the ``2*BLOCK_H`` values W̃ᵀ keeps at ``slots_t``.
+(3 bits: position and ``keep_t``) into one int32, transposes values and codes in
+registers/shared memory (``tl.trans``), and for each of its ``4*BLOCK_G`` in-rows ranks the
+4 out-rows of every group as cuSPARSELt's metadata slots were chosen (W̃ᵀ keeps it > W
+keeps it > pruned, ties to the lower row) and writes the values at the 2 slots. Deriving
+the slots costs a few integer compares and saves storing them (0.5 byte per weight).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._triton import DualKernel, check_2d, check_same_device
+from .masks import slots_reference
 
 __all__ = ["transpose_values", "transpose_values_reference", "VALUE_DTYPES"]
 
@@ -29,9 +32,9 @@ CONFIG = {"BLOCK_H": 32, "BLOCK_G": 32, "num_warps": 8}
 
 
 def _transpose_values_kernel(
-    v_ptr, i_ptr, k_ptr, s_ptr, o_ptr, c_ptr,
+    v_ptr, i_ptr, k_ptr, o_ptr, c_ptr,
     n_h, n_g,  # out // 4, in // 4
-    sv0, sv1, si0, si1, sk0, sk1, ss0, ss1, so0, so1, sc0, sc1,
+    sv0, sv1, si0, si1, sk0, sk1, so0, so1, sc0, sc1,
     HAS_COPY: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     h0 = tl.program_id(0) * BLOCK_H
@@ -51,15 +54,15 @@ def _transpose_values_kernel(
         tl.store(c_ptr + (4 * hw + 1) * sc0 + cw * sc1, v1, mask=mw)
         tl.store(c_ptr + (4 * hw + 2) * sc0 + cw * sc1, v2, mask=mw)
         tl.store(c_ptr + (4 * hw + 3) * sc0 + cw * sc1, v3, mask=mw)
-    # effective position of every kept value, 3 bits each, 8 per 4x4 block in one int32:
-    # its position 0..3 where W̃ᵀ keeps it, 4 (matches no column) where W̃ᵀ drops it
+    # every kept value's position (bits 0-1) and whether W̃ᵀ keeps it (bit 2), 3 bits each,
+    # 8 per 4x4 block in one int32
     code = tl.full([BLOCK_H, BLOCK_G], 0, dtype=tl.int32)
     for r in tl.static_range(4):
         pos = tl.load(i_ptr + (4 * hw + r) * si0 + cw * si1, mask=mw, other=0).to(tl.int32)
         keep = tl.load(k_ptr + (4 * hw + r) * sk0 + cw * sk1, mask=mw, other=0)
-        eff = tl.where(keep != 0, pos & 3, 4)
-        eff0, eff1 = tl.split(tl.reshape(eff, [BLOCK_H, BLOCK_G, 2]))
-        code = code | (eff0 << (6 * r)) | (eff1 << (6 * r + 3))
+        enc = (pos & 3) | tl.where(keep != 0, 4, 0)
+        enc0, enc1 = tl.split(tl.reshape(enc, [BLOCK_H, BLOCK_G, 2]))
+        code = code | (enc0 << (6 * r)) | (enc1 << (6 * r + 3))
 
     # ---- to W̃ᵀ's side, [BLOCK_G, BLOCK_H] (Triton places the layout conversions, through shared memory)
     code = tl.trans(code)
@@ -82,15 +85,39 @@ def _transpose_values_kernel(
     ct = (2 * h0 + tl.arange(0, 2 * BLOCK_H))[None, :]
     mt = (gt < n_g) & (ct < 2 * n_h)
     for c in tl.static_range(4):
-        # W̃ᵀ[4g + c, 4h + r]: row 4h + r's kept value at position c, if W̃ᵀ keeps it
-        d0 = tl.where((code & 7) == c, v00, tl.where(((code >> 3) & 7) == c, v01, zero))
-        d1 = tl.where(((code >> 6) & 7) == c, v10, tl.where(((code >> 9) & 7) == c, v11, zero))
-        d2 = tl.where(((code >> 12) & 7) == c, v20, tl.where(((code >> 15) & 7) == c, v21, zero))
-        d3 = tl.where(((code >> 18) & 7) == c, v30, tl.where(((code >> 21) & 7) == c, v31, zero))
-        slots = tl.load(s_ptr + (4 * gt + c) * ss0 + ct * ss1, mask=mt, other=0)
-        s0, s1 = tl.split(tl.reshape(slots, [BLOCK_G, BLOCK_H, 2]))
-        o0 = tl.where(s0 == 0, d0, tl.where(s0 == 1, d1, tl.where(s0 == 2, d2, d3)))
-        o1 = tl.where(s1 == 0, d0, tl.where(s1 == 1, d1, tl.where(s1 == 2, d2, d3)))
+        # out-row 4h + r at in-column 4g + c: W̃ᵀ's value there (zero if none) and the slot score
+        # cuSPARSELt's metadata is chosen by (2: W̃ᵀ keeps it, 1: W only, 0: pruned)
+        a = code & 7
+        b = (code >> 3) & 7
+        in_w0 = ((a & 3) == c) | ((b & 3) == c)
+        kept0 = (a == c + 4) | (b == c + 4)
+        d0 = tl.where(a == c + 4, v00, tl.where(b == c + 4, v01, zero))
+        a = (code >> 6) & 7
+        b = (code >> 9) & 7
+        in_w1 = ((a & 3) == c) | ((b & 3) == c)
+        kept1 = (a == c + 4) | (b == c + 4)
+        d1 = tl.where(a == c + 4, v10, tl.where(b == c + 4, v11, zero))
+        a = (code >> 12) & 7
+        b = (code >> 15) & 7
+        in_w2 = ((a & 3) == c) | ((b & 3) == c)
+        kept2 = (a == c + 4) | (b == c + 4)
+        d2 = tl.where(a == c + 4, v20, tl.where(b == c + 4, v21, zero))
+        a = (code >> 18) & 7
+        b = (code >> 21) & 7
+        in_w3 = ((a & 3) == c) | ((b & 3) == c)
+        kept3 = (a == c + 4) | (b == c + 4)
+        d3 = tl.where(a == c + 4, v30, tl.where(b == c + 4, v31, zero))
+        s0 = in_w0.to(tl.int32) + kept0.to(tl.int32)
+        s1 = in_w1.to(tl.int32) + kept1.to(tl.int32)
+        s2 = in_w2.to(tl.int32) + kept2.to(tl.int32)
+        s3 = in_w3.to(tl.int32) + kept3.to(tl.int32)
+        # the 2 best scores (ties to the lower row) are the slots, ascending: rank < 2 selects
+        top0 = ((s1 > s0).to(tl.int32) + (s2 > s0).to(tl.int32) + (s3 > s0).to(tl.int32)) < 2
+        top1 = ((s0 >= s1).to(tl.int32) + (s2 > s1).to(tl.int32) + (s3 > s1).to(tl.int32)) < 2
+        top2 = ((s0 >= s2).to(tl.int32) + (s1 >= s2).to(tl.int32) + (s3 > s2).to(tl.int32)) < 2
+        top3 = ((s0 >= s3).to(tl.int32) + (s1 >= s3).to(tl.int32) + (s2 >= s3).to(tl.int32)) < 2
+        o0 = tl.where(top0, d0, tl.where(top1, d1, d2))  # the lower slot
+        o1 = tl.where(top3, d3, tl.where(top2, d2, d1))  # the higher slot
         row = tl.reshape(tl.join(o0, o1), [BLOCK_G, 2 * BLOCK_H])  # interleave j = 0, 1
         tl.store(o_ptr + (4 * gt + c) * so0 + ct * so1, row, mask=mt)
 
@@ -98,11 +125,11 @@ def _transpose_values_kernel(
 _KERNEL = DualKernel(_transpose_values_kernel)
 
 
-def transpose_values_reference(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor,
-                               slots_t: torch.Tensor) -> torch.Tensor:
-    """Pure-torch W̃ᵀ values: scatter ``values`` where ``keep_t`` into ``(out, in)``, transpose, gather ``slots_t``.
+def transpose_values_reference(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor) -> torch.Tensor:
+    """Pure-torch W̃ᵀ values: scatter ``values`` where ``keep_t`` into ``(out, in)``, transpose, gather the
+    slots of :func:`kernels.masks.slots_reference`.
 
-    Same definition as ``dsparse.backends.cusparselt._transpose_values``.
+    Same definition as ``dsparse.backends.cusparselt._transpose_values`` with ``transpose_slots``.
     """
     rows, kept = values.shape
     dense = torch.zeros(rows, kept // 2, 4, dtype=values.dtype, device=values.device)
@@ -111,19 +138,21 @@ def transpose_values_reference(values: torch.Tensor, idx: torch.Tensor, keep_t: 
     dense_t = dense.reshape(rows, kept * 2).t().contiguous()  # (in, out)
     in_features = kept * 2
     groups = dense_t.reshape(in_features, rows // 4, 4)
+    slots_t = slots_reference(idx, keep_t)
     return torch.gather(groups, -1, slots_t.long().reshape(in_features, rows // 4, 2)).reshape(in_features, rows // 2)
 
 
-def transpose_values(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, slots_t: torch.Tensor,
+def transpose_values(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor,
                      out: torch.Tensor | None = None, *, values_out: torch.Tensor | None = None,
                      config: dict[str, int] | None = None) -> torch.Tensor:
     """Kept values ``(in, out/2)`` of the double-pruned transpose W̃ᵀ of a 2:4 weight, in one pass.
 
     ``values`` ``(out, in/2)`` (fp16/bf16/fp32/fp64), ``idx`` (uint8 positions 0..3) and
-    ``keep_t`` (bool) describe ``W`` as in :mod:`dsparse.nm`; ``slots_t`` (uint8,
-    ``(in, out/2)``) names W̃ᵀ's two slots per group of 4 along ``out``. Entry
-    ``[i, 2h + j]`` of the result is ``W̃ᵀ[i, 4h + slots_t[i, 2h + j]]`` (zero where that
-    slot is a filler). ``out``: write there instead (any strides, e.g. the values region
+    ``keep_t`` (bool) describe ``W`` as in :mod:`dsparse.nm`. W̃ᵀ's two slots per group of 4
+    along ``out`` are those :func:`kernels.masks.slots_reference` names (its kept entries,
+    then fillers, ascending), derived here on the fly so no slot table is stored. Entry
+    ``[i, 2h + j]`` of the result is ``W̃ᵀ[i, 4h + slot_j]`` (zero where that slot is a filler).
+    ``out``: write there instead (any strides, e.g. the values region
     ``packed.view(-1)[: in*out//2].view(in, out//2)`` of a compressed operand) and return it.
     ``values_out`` (``(out, in/2)``, ``values``' dtype): also copy ``values`` there in the
     same pass (W's own values region), so a whole refresh reads ``values`` once.
@@ -140,25 +169,23 @@ def transpose_values(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tens
     in_features = kept * 2
     check_2d(what, "idx", idx, shape=(rows, kept), dtypes=(torch.uint8,))
     check_2d(what, "keep_t", keep_t, shape=(rows, kept), dtypes=(torch.bool,))
-    check_2d(what, "slots_t", slots_t, shape=(in_features, rows // 2), dtypes=(torch.uint8,))
     if out is None:
         out = torch.empty(in_features, rows // 2, dtype=values.dtype, device=values.device)
     else:
         check_2d(what, "out", out, shape=(in_features, rows // 2), dtypes=(values.dtype,))
     if values_out is not None:
         check_2d(what, "values_out", values_out, shape=(rows, kept), dtypes=(values.dtype,))
-    check_same_device(what, values, idx=idx, keep_t=keep_t, slots_t=slots_t, out=out, values_out=values_out)
+    check_same_device(what, values, idx=idx, keep_t=keep_t, out=out, values_out=values_out)
     if values.numel() == 0:
         return out
     keep_u8 = keep_t.view(torch.uint8)
     cfg = {**CONFIG, **(config or {})}
     grid = (triton.cdiv(rows // 4, cfg["BLOCK_H"]), triton.cdiv(in_features // 4, cfg["BLOCK_G"]))
     _KERNEL.launch(values.device, grid,
-                   values, idx, keep_u8, slots_t, out, values if values_out is None else values_out,
+                   values, idx, keep_u8, out, values if values_out is None else values_out,
                    rows // 4, in_features // 4,
                    values.stride(0), values.stride(1), idx.stride(0), idx.stride(1),
-                   keep_u8.stride(0), keep_u8.stride(1), slots_t.stride(0), slots_t.stride(1),
-                   out.stride(0), out.stride(1),
+                   keep_u8.stride(0), keep_u8.stride(1), out.stride(0), out.stride(1),
                    0 if values_out is None else values_out.stride(0), 0 if values_out is None else values_out.stride(1),
                    HAS_COPY=values_out is not None, **cfg)
     return out

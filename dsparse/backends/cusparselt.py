@@ -15,7 +15,7 @@ row-major, followed by metadata. Compression therefore runs only when a mask cha
 on a matrix holding ones at exactly the 2 slots per group this backend chose (so
 cuSPARSELt's metadata names our slots even where a kept value is zero); after each
 optimizer step one Triton kernel (:func:`kernels.transpose_values`) rewrites both
-operands' values regions in place. The layout is verified once
+operands' values regions in place, deriving W̃ᵀ's slots on the fly (no slot table is kept). The layout is verified once
 per process and dtype; if a cuSPARSELt version lays it out otherwise, every refresh
 recompresses instead.
 """
@@ -39,7 +39,7 @@ _layout_ok: dict[torch.dtype, bool] = {}
 class CompressedOperands:
     weight: torch.Tensor  # compressed W (out, in)
     weight_t: torch.Tensor | None  # compressed W̃ᵀ (in, out); dx="dense": the dense (out, in) M⊙W; "none": None
-    slots_t: torch.Tensor | None  # uint8 (in, out/2): W̃ᵀ's two slots per group of 4 along out (dx="sparse")
+    dx: str  # how the input gradient runs: "sparse" (W̃ᵀ), "dense" ((M⊙W)ᵀ) or "none" (inference)
     out_features: int
     in_features: int
     # what the operands were built from (None once frozen for inference: then only sparse products run),
@@ -127,12 +127,12 @@ def _slots(idx: torch.Tensor, keep_t: torch.Tensor) -> torch.Tensor:
 
 
 def _t_values(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tensor, slots_t: torch.Tensor) -> torch.Tensor:
-    """:func:`_transpose_values` in one Triton pass on CUDA."""
+    """:func:`_transpose_values` in one Triton pass on CUDA (which derives ``slots_t`` itself)."""
     if not values.is_cuda:
         return _transpose_values(values, idx, keep_t, slots_t)
     from kernels import transpose_values
 
-    return transpose_values(values, idx, keep_t, slots_t)
+    return transpose_values(values, idx, keep_t)
 
 
 class CusparseltBackend(Backend):
@@ -156,11 +156,11 @@ class CusparseltBackend(Backend):
         weight = _compress_slots(values, idx)
         if dx != "sparse":
             weight_dx = nm.dense_from_kept(values, idx, n, m) if dx == "dense" else None
-            return CompressedOperands(weight, weight_dx, None, values.shape[0], idx.shape[1] * 2,
+            return CompressedOperands(weight, weight_dx, dx, values.shape[0], idx.shape[1] * 2,
                                       source=(values, idx, keep_t))
-        slots_t = _slots(idx, keep_t)
+        slots_t = _slots(idx, keep_t)  # only to compress: refreshes derive the slots again in the kernel
         weight_t = _compress_slots(_t_values(values, idx, keep_t, slots_t), slots_t)
-        return CompressedOperands(weight, weight_t, slots_t, values.shape[0], idx.shape[1] * 2,
+        return CompressedOperands(weight, weight_t, dx, values.shape[0], idx.shape[1] * 2,
                                   source=(values, idx, keep_t))
 
     def refresh(self, ops: CompressedOperands, values, idx, keep_t, n, m, *, dx="sparse") -> CompressedOperands:
@@ -172,8 +172,8 @@ class CusparseltBackend(Backend):
         else:
             from kernels import transpose_values  # one Triton pass writes both values regions
 
-            transpose_values(values, idx, keep_t, ops.slots_t, out=_values_region(ops.weight_t, *ops.slots_t.shape),
-                             values_out=_values_region(ops.weight, *values.shape))
+            region_t = _values_region(ops.weight_t, ops.in_features, ops.out_features // 2)
+            transpose_values(values, idx, keep_t, out=region_t, values_out=_values_region(ops.weight, *values.shape))
         ops.rebind(values, idx, keep_t)
         return ops
 
@@ -209,7 +209,7 @@ class CusparseltBackend(Backend):
     def grad_input(self, ops: CompressedOperands, dy2d):
         if ops.weight_t is None:
             raise RuntimeError("this SparseLinear was prepared for inference only: it has no input-gradient operand")
-        if ops.slots_t is None:  # no double pruning: (M⊙W)ᵀ is not 2:4 along out
+        if ops.dx == "dense":  # no double pruning: (M⊙W)ᵀ is not 2:4 along out
             return dy2d.mm(ops.weight_t)
         plan = plan_for("dx", dy2d.shape[0], ops.out_features, ops.in_features, dy2d.dtype)
         if plan.dense and ops.source is not None:

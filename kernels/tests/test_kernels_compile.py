@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels import bias_add, gather_kept, lowrank_addmm, mvue_transpose, transpose_keep_and_slots, transpose_values
-from kernels._testing import random_keep_and_slots, random_kept
+from kernels._testing import random_keep_t, random_kept
 from kernels._triton import capture_launches, compile_offline
 
 nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
@@ -27,20 +27,19 @@ def _compile(fn, arch, **override):
 def _weight(dtype):
     values, idx = random_kept(64, 128, dtype, "cpu", "randn")
     keep_t = torch.zeros_like(idx, dtype=torch.bool)
-    slots_t = torch.zeros(128, 32, dtype=torch.uint8)
-    return values, idx, keep_t, slots_t
+    return values, idx, keep_t
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_transpose_values_compiles(arch):
-    values, idx, keep_t, slots_t = _weight(torch.bfloat16)
-    _compile(lambda: transpose_values(values, idx, keep_t, slots_t), arch)
-    _compile(lambda: transpose_values(values, idx, keep_t, slots_t, values_out=torch.empty_like(values)), arch)
+    values, idx, keep_t = _weight(torch.bfloat16)
+    _compile(lambda: transpose_values(values, idx, keep_t), arch)
+    _compile(lambda: transpose_values(values, idx, keep_t, values_out=torch.empty_like(values)), arch)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_transpose_keep_and_slots_compiles(arch):
-    values, idx, _, _ = _weight(torch.bfloat16)
+    values, idx, _ = _weight(torch.bfloat16)
     _compile(lambda: transpose_keep_and_slots(values, idx), arch)
 
 
@@ -77,8 +76,8 @@ def test_bias_add_compiles():
 def test_small_test_configs_compile():
     """The tiny tile configs the correctness tests use on CUDA (1 warp, partial tiles) compile too."""
     values, idx = random_kept(48, 80, torch.float64, "cpu", "randn")
-    keep_t, slots_t = random_keep_and_slots(48, 80)
-    _compile(lambda: transpose_values(values, idx, keep_t, slots_t,
+    keep_t = random_keep_t(48, 80)
+    _compile(lambda: transpose_values(values, idx, keep_t,
                                       config={"BLOCK_H": 4, "BLOCK_G": 8, "num_warps": 1}), 90)
     values, idx = random_kept(48, 80, torch.float16, "cpu", "ties")
     _compile(lambda: transpose_keep_and_slots(values, idx, config={"BLOCK_H": 2, "BLOCK_G": 8, "num_warps": 1}), 90)
