@@ -12,7 +12,7 @@
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
-#   convergence-mvue  the same, dense vs dsparse with MVUE weight gradients
+#   convergence-mvue  a shorter run (300 steps): dense vs dsparse vs dsparse with MVUE weight gradients
 #   nccl         the 2-GPU engine test and step benchmark (needs 2 GPUs)
 # Results land in bench/results/ (and, packed as results.tgz, in $OUT when set). Needs deepspeed & co.:
 # carry .whl (bash ../shared/device/wheels.sh) and install it first, as the device README says.
@@ -60,8 +60,8 @@ for part in "$@"; do
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;
     infer)        timeout 330 python3 -m bench.infer ;;
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
-    convergence-mvue) timeout 400 python3 -m bench.convergence --gpus 1 --modes dense,dsparse_mvue \
-                    --out bench/results/convergence_${gpu}_mvue.json ;;
+    convergence-mvue) timeout 330 python3 -m bench.convergence --gpus 1 --modes dense,dsparse,dsparse_mvue \
+                    --max_steps 300 --out bench/results/convergence_${gpu}_mvue.json ;;
     nccl)         python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py
                   step 2 llama-1b dense_x2 --mode dense; step 2 llama-1b sparse_x2 --mode sparse
                   merge bench/results/engine_${gpu}x2.json $runs/llama-1b_*_x2.json ;;

@@ -103,8 +103,23 @@ def convergence_table() -> list[str]:
     return lines
 
 
+def fp8_table() -> list[str]:
+    lines = []
+    for name, data in _load("bench/results/fp8_*.json"):
+        lines += [f"**FP8 e4m3 products** (`{name}`; {_env(data['environment'])}): dense bf16 time / time, "
+                  "same run (torch's `_cslt_sparse_mm`, not yet used in training)", "",
+                  "| in x out | tokens | 2:4 bf16 | dense FP8 | 2:4 FP8 | 2:4 FP8, scaled | 2:4 FP8 + cast of X |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in data["rows"]:
+            s = r["speedup_vs_dense_bf16"]
+            lines.append(f"| {r['in']}x{r['out']} | {r['tokens']} | {s['sparse_bf16']:.2f}x | {s['dense_fp8']:.2f}x | "
+                         f"{s['sparse_fp8']:.2f}x | {s['sparse_fp8_scaled']:.2f}x | {s['sparse_fp8_with_cast']:.2f}x |")
+        lines.append("")
+    return lines
+
+
 def render() -> str:
-    body = engine_table() + infer_table() + convergence_table() + layer_table() + kernel_table()
+    body = engine_table() + infer_table() + convergence_table() + layer_table() + kernel_table() + fp8_table()
     return "\n".join(body or ["No GPU results yet: run the benchmarks in bench/ on a GPU."])
 
 
