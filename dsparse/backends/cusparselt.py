@@ -15,9 +15,9 @@ row-major, followed by metadata. Compression therefore runs only when a mask cha
 on a matrix holding ones at exactly the 2 slots per group this backend chose (so
 cuSPARSELt's metadata names our slots even where a kept value is zero); after each
 optimizer step one Triton kernel (:func:`kernels.transpose_values`) rewrites both
-operands' values regions in place, deriving W̃ᵀ's slots on the fly (no slot table is kept). The layout is verified once
-per process and dtype; if a cuSPARSELt version lays it out otherwise, every refresh
-recompresses instead.
+operands' values regions in place, deriving W̃ᵀ's slots on the fly (no slot table is
+kept). The layout is verified once per process and dtype; if a cuSPARSELt version lays it
+out otherwise, every refresh recompresses instead.
 """
 from __future__ import annotations
 
