@@ -81,7 +81,7 @@ def main() -> None:
         F.linear(x, w).backward(dy)
         w.grad = x.grad = None
 
-    def sparse_step():
+    def sparse_step(x: torch.Tensor, dy: torch.Tensor) -> None:
         layer(x).backward(dy)
         layer.values.grad = x.grad = None
 
@@ -92,23 +92,24 @@ def main() -> None:
         "sparse_us": {"fwd": host_us(lambda: backend.linear(ops, x, None)),
                       "dx": host_us(lambda: backend.grad_input(ops, dy)),
                       "dw": host_us(lambda: backend.grad_values(dy, x, layer.idx, 2, 4)),
-                      "operands": host_us(layer._operands), "step": host_us(sparse_step)},
+                      "operands": host_us(layer._operands), "step": host_us(lambda: sparse_step(x, dy))},
     }
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(200):
-        sparse_step()
+        sparse_step(x, dy)
     torch.cuda.synchronize()
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
     result["sparse_step_profile_200_calls"] = text.getvalue().splitlines()
-    tokens = args.profile_tokens  # new x and dy: sparse_step reads them from this scope
-    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype, requires_grad=True)
-    dy = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
+    tokens = args.profile_tokens
+    x_big = torch.randn(tokens, in_f, device="cuda", dtype=dtype, requires_grad=True)
+    dy_big = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
     rand = torch.rand(out_f, padded_tokens(tokens) // 2, device="cuda")
-    result["gpu_kernels_sparse_step"] = _kernel_table(sparse_step, f"sparse step, {tokens} tokens")
-    result["gpu_kernels_mvue_dw"] = _kernel_table(lambda: backend.grad_values(dy, x, layer.idx, 2, 4, rand),
+    result["gpu_kernels_sparse_step"] = _kernel_table(lambda: sparse_step(x_big, dy_big),
+                                                      f"sparse step, {tokens} tokens")
+    result["gpu_kernels_mvue_dw"] = _kernel_table(lambda: backend.grad_values(dy_big, x_big, layer.idx, 2, 4, rand),
                                                   f"MVUE weight gradient, {tokens} tokens")
     print({k: v for k, v in result.items() if k.endswith("_us")})
     print("\n".join(result["gpu_kernels_mvue_dw"]))
