@@ -6,7 +6,9 @@ dense bf16 (cuBLAS), 2:4 bf16 (cuSPARSELt, best algorithm), dense FP8 (``torch._
 per-tensor scales as its one-element alpha), and 2:4 FP8 plus the per-call cast of ``X`` to
 e4m3 with a per-tensor scale (what a training step would pay for
 activations; the weight is cast once per optimizer step). Results are checked against the bf16
-product first. Ratios are dense bf16 time / time.
+product first. Ratios are dense bf16 time / time. Both 2:4 columns go through torch's
+``_cslt_sparse_mm`` (the only path with e4m3 operands), so they compare with each other;
+dsparse's own bf16 products (cached plans, ``bench.layer``) are faster at small shapes.
 
     python -m bench.fp8                           # writes bench/results/fp8_<gpu>.json
 """
