@@ -58,3 +58,40 @@ def write_result(path: str, payload: dict[str, Any]) -> None:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+# GPU kernel categories of a training step, matched in order on the kernel's name (first match wins)
+KERNEL_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("sparse GEMM (cuSPARSELt)", ("sparse_gemm", "cusparselt", "cask_")),
+    ("dense GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "compute_dot_do_o")),
+    ("dsparse Triton", ("_gather_kept_kernel", "_transpose_values_kernel", "_transpose_keep_kernel",
+                        "_mvue_transpose_kernel", "_lowrank")),
+    ("fused RMSNorm / SwiGLU (Triton)", ("_rms_norm_", "_silu_mul_")),
+    ("optimizer (multi-tensor)", ("multi_tensor_apply",)),
+    ("copies", ("Memcpy", "direct_copy", "CatArrayBatchedCopy", "Memset")),
+    ("softmax / loss", ("SoftMax", "nll_loss", "cross_entropy", "log_softmax")),
+    ("reductions", ("reduce_kernel",)),
+    ("elementwise", ("elementwise_kernel",)),
+]
+
+
+def kernel_breakdown(prof: Any, steps: int, top: int = 25) -> dict[str, Any]:
+    """GPU milliseconds per step of a ``torch.profiler`` run of ``steps`` steps, by kernel category.
+
+    Only device kernels and memcpy/memset count (host-side ``aten::`` rows are skipped), so the
+    categories add up to the GPU's busy time.
+    """
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    categories: dict[str, float] = {}
+    for event in kernels:
+        name = event.key
+        label = next((cat for cat, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        categories[label] = categories.get(label, 0.0) + event.self_device_time_total / 1e3 / steps
+    ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+    return {"gpu_busy_ms": sum(categories.values()),
+            "by_category_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": e.key[:120], "ms": e.self_device_time_total / 1e3 / steps,
+                             "calls": e.count / steps} for e in ranked]}

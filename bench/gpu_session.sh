@@ -7,8 +7,11 @@
 #   kernels      the Triton kernels vs their torch references
 #   overhead     host time per call of one layer's products, and its profile
 #   fp8          FP8 (e4m3) 2:4 products vs bf16 and dense FP8
-#   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse
+#   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse; also with torch's threaded backward, and
+#                that without the fused RMSNorm/SwiGLU (HF's modules, torch's defaults)
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
+#   profile      the llama-1b step of 'step', dense and dsparse, under torch.profiler: GPU time by kernel category
+#   profile-more the same with torch's threaded backward, and that without the fused RMSNorm/SwiGLU
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
@@ -25,11 +28,16 @@ gpu=$(python3 -c "from bench.common import gpu_tag; print(gpu_tag())")
 export DSPARSE_PLANS=${DSPARSE_PLANS:-$(python3 -c "from dsparse.backends.plans import TUNED_DIR, device_key
 print(f'{TUNED_DIR}/plans_{device_key()}.json')")}
 runs=bench/results/step_runs
-mkdir -p $runs
+mkdir -p $runs/profile
 
 step() {  # step GPUS MODEL LABEL ARGS...: one timed engine run into $runs/MODEL_LABEL.json
   local gpus=$1 model=$2 label=$3; shift 3
   timeout 140 "$DS" --num_gpus "$gpus" bench/step.py --model "$model" --out "$runs/${model}_${label}.json" "$@"
+}
+profile() {  # profile MODE SUFFIX [ARGS]: a short run of the llama-1b step with two steps profiled
+  local mode=$1 suffix=$2; shift 2
+  timeout 140 "$DS" --num_gpus 1 bench/step.py --model llama-1b --mode "$mode" --warmup 3 --steps 5 --profile 2 \
+    --out "$runs/profile/llama-1b_${mode}${suffix}.json" "$@"
 }
 merge() {  # merge RESULT FILES...
   local result=$1; shift
@@ -40,13 +48,17 @@ status=0
 for part in "$@"; do
   echo "=== $part $(date +%T)"
   case "$part" in
-    tests)        timeout 240 python3 -m pytest -q -m gpu tests kernels ;;
+    tests)        timeout 330 python3 -m pytest -q -m gpu tests kernels ;;
     tune)         timeout 240 python3 -m bench.tune --tokens 8192,16384 ;;
     layer)        timeout 200 python3 -m bench.layer ;;
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
     overhead)     timeout 120 python3 -m bench.overhead ;;
     fp8)          timeout 150 python3 -m bench.fp8 ;;
     step)         step 1 llama-1b dense --mode dense; step 1 llama-1b sparse --mode sparse
+                  step 1 llama-1b dense_threaded --mode dense --autograd_threads
+                  step 1 llama-1b sparse_threaded --mode sparse --autograd_threads
+                  step 1 llama-1b dense_unfused_threaded --mode dense --fusion off --autograd_threads
+                  step 1 llama-1b sparse_unfused_threaded --mode sparse --fusion off --autograd_threads
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
     step-more)    step 1 llama-1b dense_gc --mode dense --grad_ckpt; step 1 llama-1b sparse_gc --mode sparse --grad_ckpt
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json
@@ -55,6 +67,11 @@ for part in "$@"; do
                   merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_*.json
                   step 1 llama-1b static --mode static
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
+    profile)      profile dense ""; profile sparse ""
+                  merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
+    profile-more) for m in dense sparse; do profile $m _threaded --autograd_threads
+                    profile $m _unfused_threaded --fusion off --autograd_threads; done
+                  merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
     memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;

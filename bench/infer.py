@@ -4,7 +4,8 @@ Each sparse variant goes through :func:`dsparse.export.export_model` and
 :func:`dsparse.export.load_for_inference` (cuSPARSELt forward operand only, adapters fused
 onto its output), with adapter ranks 0, 1.56% and 6.25% of each layer's smaller dimension.
 Weights are random (speed does not depend on them). Ratios are against the dense model
-measured in the same process.
+measured in the same process. Dense and sparse models alike run the fused RMSNorm / SwiGLU
+kernels (:func:`dsparse.fuse_model`) unless ``--fusion off``.
 
     python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 16
 """
@@ -17,7 +18,7 @@ import tempfile
 import torch
 
 from bench.common import gpu_tag, time_ms, write_result
-from dsparse import sparse_modules, sparsify
+from dsparse import fuse_model, sparse_modules, sparsify
 from dsparse.export import export_model, load_for_inference
 from dsparse.models import build_model
 
@@ -69,12 +70,15 @@ def main() -> None:
     parser.add_argument("--ranks", default="0,0.0156,0.0625", help="adapter rank fractions (0: none)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--fusion", choices=["on", "off"], default="on", help="fused RMSNorm / SwiGLU kernels")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    fuse = fuse_model if args.fusion == "on" else (lambda model: None)
     device = torch.device(args.device)
     dtype = torch.bfloat16
     with device:  # initialise on the device: a 1B model builds in seconds there
         dense = build_model(args.model, args.vocab, args.prompt).to(dtype).eval()
+    fuse(dense)
     results = {"dense": measure(dense, args, device)}
     print(f"dense: {results['dense']}", flush=True)
     state = {k: v.cpu() for k, v in dense.state_dict().items()}
@@ -98,6 +102,7 @@ def main() -> None:
             del model
             gc.collect()
             loaded = load_for_inference(tmp, device=device, dtype=dtype, backend=args.backend)
+        fuse(loaded)
         name = f"sparse_r{fraction:g}"
         results[name] = measure(loaded, args, device)
         print(f"{name}: {results[name]}", flush=True)

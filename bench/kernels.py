@@ -5,7 +5,9 @@
   backend refresh (both values regions: ``out=`` + ``values_out=``) vs today's two copies;
 * ``transpose_keep_and_slots`` (mask change) vs ``nm.transpose_keep`` + ``transpose_slots``;
 * ``lowrank_addmm`` (``y + scale * u @ bᵀ + bias``) vs ``torch.addmm`` (+ bias), and
-  ``bias_add`` vs ``y + bias``.
+  ``bias_add`` vs ``y + bias``;
+* the fused RMSNorm and SwiGLU gate (:mod:`dsparse.nn.fused`) vs HF's ``LlamaRMSNorm`` and
+  ``silu(g) * u``, forward + backward through autograd, at llama-1b's widths.
 
 Every kernel result is checked against its reference first (bit-exact for the gathers).
 Times are eager medians (``bench.common.time_ms``); GB/s counts each tensor read or
@@ -187,11 +189,45 @@ def bench_gather(in_f: int, out_f: int, dtype, device, timer) -> dict:
     return row
 
 
+def bench_fused(tokens: int, hidden: int, inter: int, dtype, device, timer) -> dict:
+    """Forward + backward of HF's RMSNorm and SwiGLU gate vs the fused modules (same inputs, results checked)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from dsparse.nn.fused import FusedRMSNorm, _SiluMulFunction
+
+    gen = torch.Generator(device=device).manual_seed(2)
+    hf = LlamaRMSNorm(hidden).to(device, dtype)
+    fused = FusedRMSNorm(hf.weight, hf.variance_epsilon)
+    x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype).requires_grad_(True)
+    dy = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
+    g, u = (torch.randn(tokens, inter, generator=gen, device=device).to(dtype).requires_grad_(True)
+            for _ in range(2))
+    dh = torch.randn(tokens, inter, generator=gen, device=device).to(dtype)
+    torch.testing.assert_close(fused(x), hf(x), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(_SiluMulFunction.apply(g, u), torch.nn.functional.silu(g) * u, rtol=2e-2, atol=2e-2)
+
+    def step(fn, inputs, grad):
+        fn(*inputs).backward(grad)
+        for t in inputs:
+            t.grad = None
+        hf.weight.grad = None
+
+    row = {"tokens": tokens, "hidden": hidden, "inter": inter,
+           "rms_norm_hf_ms": timer(lambda: step(hf, (x,), dy)),
+           "rms_norm_fused_ms": timer(lambda: step(fused, (x,), dy)),
+           "swiglu_hf_ms": timer(lambda: step(lambda a, b: torch.nn.functional.silu(a) * b, (g, u), dh)),
+           "swiglu_fused_ms": timer(lambda: step(_SiluMulFunction.apply, (g, u), dh))}
+    row["rms_norm_speedup"] = row["rms_norm_hf_ms"] / row["rms_norm_fused_ms"]
+    row["swiglu_speedup"] = row["swiglu_hf_ms"] / row["swiglu_fused_ms"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="4096x4096,4096x11008,8192x8192", help="in x out, comma-separated")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--lowrank", default="8192,4096,64", help="tokens,out,r")
+    parser.add_argument("--fused", default="16384,2048,5632", help="tokens,hidden,intermediate of the fused blocks")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tile configs only")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU through the Triton interpreter (checks the script, times nothing)")
@@ -199,10 +235,11 @@ def main() -> None:
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     tokens, lr_out, rank = (int(v) for v in args.lowrank.split(","))
+    fused_shape = tuple(int(v) for v in args.fused.split(","))
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.dry_run:
         device, timer, sweep = "cpu", _wall_ms, not args.no_sweep
-        shapes, (tokens, lr_out, rank) = [(64, 48)], (32, 48, 8)
+        shapes, (tokens, lr_out, rank), fused_shape = [(64, 48)], (32, 48, 8), (8, 64, 96)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench.kernels needs a CUDA GPU (or --dry-run to check the script on the CPU)")
@@ -227,7 +264,11 @@ def main() -> None:
           f"({lr['kernel_gbps']:.0f} GB/s) vs addmm {lr['torch_addmm_ms']:.3f} ms = {lr['speedup_vs_addmm']:.2f}x; "
           f"with bias {lr['kernel_bias_ms']:.3f} vs {lr['torch_addmm_bias_ms']:.3f} ms; best {lr['best_config']}; "
           f"max err kernel {lr['kernel_max_abs_err']:.3g} torch {lr['torch_max_abs_err']:.3g}", flush=True)
-    payload = {"refresh": rows, "lowrank": lr,
+    fused = {"dtype": args.dtype, **bench_fused(*fused_shape, dtype, device, timer)}
+    print(f"fused fwd+bwd {fused_shape}: RMSNorm {fused['rms_norm_fused_ms']:.3f} vs HF {fused['rms_norm_hf_ms']:.3f} ms "
+          f"= {fused['rms_norm_speedup']:.1f}x | SwiGLU gate {fused['swiglu_fused_ms']:.3f} vs "
+          f"{fused['swiglu_hf_ms']:.3f} ms = {fused['swiglu_speedup']:.1f}x", flush=True)
+    payload = {"refresh": rows, "lowrank": lr, "fused": fused,
                "defaults": {"refresh": refresh_mod.CONFIG, "mask": masks_mod.CONFIG, "lowrank": lowrank_mod.CONFIG}}
     if args.dry_run:
         print("dry run: nothing written")

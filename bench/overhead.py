@@ -1,10 +1,10 @@
 """Host (CPU) time per call of one layer's products, dense vs SparseLinear, and where it goes.
 
 At small token counts a training step is bound by how fast the host enqueues kernels, not by
-the GPU: this is what the eager ``bench.layer`` ratios at 4096 tokens pay for. Each call runs
-``iters`` times back to back on so few tokens that the GPU never waits the host; the wall
-time per call is then the host's cost. A cProfile of the sparse step says which Python
-functions it goes to.
+the GPU: this is what the eager ``bench.layer`` ratios at 4096 tokens pay for. Each call is
+timed twice over (:func:`host_and_gpu_us`): the host's cost of enqueueing it, and the GPU's
+cost of running it. A cProfile of the sparse step says which Python functions the host's
+time goes to.
 
     python -m bench.overhead                     # writes bench/results/overhead_<gpu>.json
 """
@@ -28,16 +28,27 @@ from dsparse.backends import plans
 from dsparse.backends.base import padded_tokens
 
 
-def host_us(fn: Callable[[], object], iters: int = 300) -> float:
-    """Wall-clock microseconds per call of ``fn``, enqueued back to back (GPU work kept tiny)."""
+def host_and_gpu_us(fn: Callable[[], object], iters: int = 200) -> dict[str, float]:
+    """Host and GPU microseconds per call of ``fn``, measured apart.
+
+    The calls are enqueued behind a long GPU sleep, so the host never waits on the GPU:
+    the wall time of enqueueing is the host's cost alone, and CUDA events around the calls
+    time the GPU running them back to back. ``enqueue`` close to the sleep itself would mean
+    ``fn`` synchronises with the GPU.
+    """
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU cycles: longer than the enqueueing below
+    start.record()
+    began = time.perf_counter()
     for _ in range(iters):
         fn()
+    enqueue = time.perf_counter() - began
+    end.record()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e6 / iters
+    return {"host": enqueue * 1e6 / iters, "gpu": start.elapsed_time(end) * 1e3 / iters}
 
 
 def _kernel_table(fn: Callable[[], object], label: str, calls: int = 20) -> list[str]:
@@ -85,14 +96,24 @@ def main() -> None:
         layer(x).backward(dy)
         layer.values.grad = x.grad = None
 
+    def single_thread(fn: Callable[[], None]) -> Callable[[], None]:
+        """``fn`` with its backward on this thread instead of autograd's device thread (dsparse's engine)."""
+        def run() -> None:
+            with torch.autograd.set_multithreading_enabled(False):
+                fn()
+        return run
+
     result = {
         "shape": {"in": in_f, "out": out_f, "tokens": tokens, "dtype": args.dtype},
-        "dense_us": {"fwd": host_us(lambda: F.linear(x, w)), "dx": host_us(lambda: dy.mm(w)),
-                     "dw": host_us(lambda: dy.t().mm(x)), "step": host_us(dense_step)},
-        "sparse_us": {"fwd": host_us(lambda: backend.linear(ops, x, None)),
-                      "dx": host_us(lambda: backend.grad_input(ops, dy)),
-                      "dw": host_us(lambda: backend.grad_values(dy, x, layer.idx, 2, 4)),
-                      "operands": host_us(layer._operands), "step": host_us(lambda: sparse_step(x, dy))},
+        "dense_us": {"fwd": host_and_gpu_us(lambda: F.linear(x, w)), "dx": host_and_gpu_us(lambda: dy.mm(w)),
+                     "dw": host_and_gpu_us(lambda: dy.t().mm(x)), "step": host_and_gpu_us(dense_step),
+                     "step_single_thread": host_and_gpu_us(single_thread(dense_step))},
+        "sparse_us": {"fwd": host_and_gpu_us(lambda: backend.linear(ops, x, None)),
+                      "dx": host_and_gpu_us(lambda: backend.grad_input(ops, dy)),
+                      "dw": host_and_gpu_us(lambda: backend.grad_values(dy, x, layer.idx, 2, 4)),
+                      "operands": host_and_gpu_us(layer._operands),
+                      "step": host_and_gpu_us(lambda: sparse_step(x, dy)),
+                      "step_single_thread": host_and_gpu_us(single_thread(lambda: sparse_step(x, dy)))},
     }
     profiler = cProfile.Profile()
     profiler.enable()
@@ -103,6 +124,8 @@ def main() -> None:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
     result["sparse_step_profile_200_calls"] = text.getvalue().splitlines()
+    result["gpu_kernels_sparse_step_small"] = _kernel_table(lambda: sparse_step(x, dy),
+                                                            f"sparse step, {args.tokens} tokens")
     tokens = args.profile_tokens
     x_big = torch.randn(tokens, in_f, device="cuda", dtype=dtype, requires_grad=True)
     dy_big = torch.randn(tokens, out_f, device="cuda", dtype=dtype)

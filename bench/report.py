@@ -51,6 +51,13 @@ def kernel_table() -> list[str]:
             lines.append(f"| W̃ᵀ + W refresh after a step | {r['in']}x{r['out']} {r['dtype']} | "
                          f"{r['full_refresh_kernel_ms']:.3f} ms | {r['full_refresh_torch_ms']:.3f} ms | "
                          f"{r['full_refresh_speedup']:.1f}x |")
+        fused = data.get("fused")
+        if fused:
+            shape = f"{fused['tokens']} tokens, {fused['hidden']} / {fused['inter']} {fused['dtype']}"
+            for what, key in (("RMSNorm fwd+bwd (vs HF LlamaRMSNorm)", "rms_norm"),
+                              ("SwiGLU gate fwd+bwd (vs silu(g) * u)", "swiglu")):
+                lines.append(f"| {what} | {shape} | {fused[key + '_fused_ms']:.3f} ms | {fused[key + '_hf_ms']:.3f} ms | "
+                             f"{fused[key + '_speedup']:.1f}x |")
         lines.append("")
     return lines
 
@@ -58,7 +65,7 @@ def kernel_table() -> list[str]:
 def engine_table() -> list[str]:
     lines = []
     for name, data in _load("bench/results/engine_*.json"):
-        if "vs_dense" not in data:
+        if "vs_dense" not in data or any("gpu_profile" in run for run in data["runs"].values()):
             continue
         first = next(iter(data["runs"].values()))
         lines += [f"**Training step** (`{name}`; {first['model']}, {first['layers']} layers, ZeRO-{first['zero_stage']} "
@@ -74,12 +81,35 @@ def engine_table() -> list[str]:
     return lines
 
 
+def profile_table() -> list[str]:
+    """GPU milliseconds per step by kernel category, from the ``--profile`` runs of bench/step.py."""
+    lines = []
+    for name, data in _load("bench/results/engine_*_profile.json"):
+        runs = data["runs"]
+        order: list[str] = []
+        for run in runs.values():
+            order += [c for c in run["gpu_profile"]["by_category_ms"] if c not in order]
+        first = next(iter(runs.values()))
+        lines += [f"**Where a step's GPU time goes** (`{name}`; {first['model']}, {first['micro_batch_size']}x"
+                  f"{first['seq_len']} tokens, ZeRO-{first['zero_stage']} bf16; "
+                  f"{_env(data.get('measured_environment') or data['environment'])}): ms per step, torch.profiler", "",
+                  "| run | step (wall) | GPU busy | " + " | ".join(order) + " |", "|---" * (len(order) + 3) + "|"]
+        for label, run in runs.items():
+            prof = run["gpu_profile"]
+            cells = [f"{prof['by_category_ms'].get(c, 0.0):.1f}" for c in order]
+            lines.append(f"| {label} | {run['step_s_median'] * 1e3:.0f} | {prof['gpu_busy_ms']:.0f} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def infer_table() -> list[str]:
     lines = []
     for name, data in _load("bench/results/infer_*.json"):
         a = data["args"]
+        fused = ", fused RMSNorm/SwiGLU" if a.get("fusion") == "on" else ", HF's RMSNorm/SwiGLU"
         lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens, "
-                  f"decode {a['new_tokens']} tokens; {_env(data['environment'])})",
+                  f"decode {a['new_tokens']} tokens{fused}; {_env(data['environment'])})",
                   *([f"", f"_{data['provenance']}_"] if "provenance" in data else []),
                   "", "| model | prefill | decode | weight memory |", "|---|---|---|---|"]
         for variant, r in data["vs_dense"].items():
@@ -119,7 +149,7 @@ def fp8_table() -> list[str]:
 
 
 def render() -> str:
-    body = engine_table() + infer_table() + convergence_table() + layer_table() + kernel_table() + fp8_table()
+    body = engine_table() + profile_table() + infer_table() + convergence_table() + layer_table() + kernel_table() + fp8_table()
     return "\n".join(body or ["No GPU results yet: run the benchmarks in bench/ on a GPU."])
 
 

@@ -9,7 +9,8 @@ Each run builds the model from a preset (random weights, random tokens), trains
 ``--warmup`` steps, then times ``--steps`` optimizer steps (median, CUDA-synchronised)
 and records peak GPU memory and dsparse's memory report. ``--merge`` writes all runs and
 each one's ratios against the dense run of the same kind (dense / sparse for time,
-sparse / dense for memory; ``--grad_ckpt`` runs against the dense ``--grad_ckpt`` run) to one JSON.
+sparse / dense for memory; ``--grad_ckpt`` runs against the dense ``--grad_ckpt`` run, ``--fusion off``
+runs against the unfused dense run, ``--autograd_threads`` runs against the dense one) to one JSON.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> None:
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1, "torch_adam": True,
                                                   "fused": True}},
         "steps_per_print": 10**9,
+        "fusion": {"enabled": args.fusion != "off"},
+        "autograd": {"multithreading": args.autograd_threads},
     }
     if args.mode != "dense":
         config["sparsity"] = {"backend": "cusparselt", "mask_change_freq": 100, "double_prune": args.mode != "static"}
@@ -76,13 +79,27 @@ def run(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
     times.sort()
     step_s = times[len(times) // 2]
+    profile = None
+    if args.profile:  # after the timing: the profiler's own cost must not reach the step times
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        from bench.common import kernel_breakdown
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.profile):
+                step()
+            torch.cuda.synchronize()
+        profile = kernel_breakdown(prof, args.profile)
     tokens = args.micro_batch_size * args.seq_len * dist.get_world_size()
-    result = {"mode": args.mode, "grad_ckpt": args.grad_ckpt, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
+    result = {"mode": args.mode, "grad_ckpt": args.grad_ckpt, "fused": args.fusion != "off",
+              "autograd_multithreading": args.autograd_threads, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
               "memory_report": dsparse.memory_report(engine),
               "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+    if profile is not None:
+        result["gpu_profile"] = profile
     if dist.get_rank() == 0:
         result["environment"] = environment()
         with open(args.out, "w") as f:
@@ -92,8 +109,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _label(row: dict) -> str:
-    """A run's name in the merged result: its mode, ``+grad_ckpt`` when activations were recomputed, ``xN`` GPUs."""
-    return row["mode"] + ("+grad_ckpt" if row.get("grad_ckpt") else "") + (f"x{row['gpus']}" if row["gpus"] > 1 else "")
+    """A run's name in the merged result: its mode, ``+grad_ckpt`` when activations were recomputed,
+    ``+unfused`` without the fused RMSNorm/SwiGLU kernels, ``+threaded`` with backward on autograd's
+    device thread (torch's default, and every run from before the flag), ``xN`` GPUs."""
+    threaded = row.get("autograd_multithreading", True)
+    return (row["mode"] + ("+grad_ckpt" if row.get("grad_ckpt") else "")
+            + ("+unfused" if not row.get("fused", False) else "") + ("+threaded" if threaded else "")
+            + (f"x{row['gpus']}" if row["gpus"] > 1 else ""))
 
 
 def merge(paths: list[str], result_path: str) -> None:
@@ -129,8 +151,14 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--grad_ckpt", action="store_true",
                         help="activation checkpointing (HF gradient_checkpointing_enable); compared with dense run the same way")
+    parser.add_argument("--fusion", choices=["on", "off"], default="on",
+                        help="the fused RMSNorm/SwiGLU kernels (config section 'fusion'), dense and sparse alike")
+    parser.add_argument("--autograd_threads", action="store_true",
+                        help="run backward on autograd's device thread (torch's default; config 'autograd')")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after timing, profile this many steps: GPU time per step by kernel category")
     parser.add_argument("--out", default="step.json")
     parser.add_argument("--merge", nargs="+", default=None, help="merge per-mode JSON files into --result")
     parser.add_argument("--result", default=None)

@@ -30,9 +30,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .config import SparsityConfig
+from .config import AutogradConfig, FusionConfig, SparsityConfig
 from .distributed import broadcast_masks, check_mask_agreement
-from .nn import sparse_modules, sparsify
+from .nn import fuse_model, sparse_modules, sparsify
 from .optim_state import restart_group
 from .schedule import Schedule
 
@@ -216,9 +216,14 @@ class SparseTraining:
 
 
 class _SparseEngineMixin:
-    """What dsparse adds to DeepSpeed's engine: the step hook and safer checkpoints."""
+    """What dsparse adds to DeepSpeed's engine: the step hook, single-threaded backward, safer checkpoints."""
 
     sparsity: SparseTraining
+    autograd_config: AutogradConfig
+
+    def backward(self, loss, *args, **kwargs):
+        with torch.autograd.set_multithreading_enabled(self.autograd_config.multithreading):
+            return super().backward(loss, *args, **kwargs)
 
     def step(self, lr_kwargs=None):
         boundary = self.is_gradient_accumulation_boundary()
@@ -279,7 +284,8 @@ def _sparse_engine_class(base: type) -> type:
 def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any = None,
                model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
                config: str | dict | None = None, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
-    """Sparsify ``model`` per the config's ``"sparsity"`` section and build its DeepSpeed engine.
+    """Sparsify ``model`` per the config's ``"sparsity"`` section, fuse its elementwise blocks per
+    ``"fusion"`` (dense runs too), and build its DeepSpeed engine.
 
     Takes everything :func:`deepspeed.initialize` takes and returns what it returns
     ``(engine, optimizer, dataloader, lr_scheduler)``. Without a ``"sparsity"`` section (or
@@ -294,6 +300,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         args = copy.copy(args)
         args.deepspeed_config = None  # the config travels as the dict below
     sparsity = SparsityConfig.from_dict(ds_config.pop("sparsity", {"enabled": False}))
+    fusion = FusionConfig.from_dict(ds_config.pop("fusion", None))
+    autograd_config = AutogradConfig.from_dict(ds_config.pop("autograd", None))
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if not dist.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
@@ -301,6 +309,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))  # as DeepSpeed's engine will
         if sparsity.enabled:
             model.to(get_accelerator().current_device_name())  # prune on this rank's GPU (DeepSpeed moves it there)
+    if fusion.active(get_accelerator().device_name() == "cuda"):
+        fuse_model(model, rms_norm=fusion.rms_norm, swiglu=fusion.swiglu)
     state = SparseTraining.prepare(model, sparsity, zero_stage)
     params = state.param_groups(model, optimizer, model_parameters)
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
@@ -308,6 +318,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         lr_scheduler=lr_scheduler, config=ds_config, **kwargs)
     engine.__class__ = _sparse_engine_class(type(engine))
     engine.sparsity = state
+    engine.autograd_config = autograd_config
     state.bind(engine)
     return engine, optimizer, dataloader, lr_scheduler
 

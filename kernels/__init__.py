@@ -8,6 +8,8 @@
 * :func:`bias_add` — ``y + bias`` (the r = 0 path of :func:`lowrank_addmm`).
 * :func:`gather_kept` — a dense matrix's entries at N:M positions (the weight gradient's
   reduction to the kept entries).
+* :func:`rms_norm_forward` / :func:`rms_norm_backward` — LLaMA's RMSNorm, one pass each way.
+* :func:`silu_mul_forward` / :func:`silu_mul_backward` — SwiGLU's ``silu(g)·u``, one pass each way.
 * :func:`mvue_transpose` — the unbiased 2:4 sparsification of ``dYᵀ`` for MVUE weight
   gradients, transposed and padded in one pass.
 
@@ -19,6 +21,8 @@ None of them builds an autograd graph.
 from .gather import gather_kept, gather_kept_reference
 from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference
 from .mvue import mvue_transpose, mvue_transpose_reference
+from .norm import rms_norm_backward, rms_norm_forward, rms_norm_reference
+from .swiglu import silu_mul_backward, silu_mul_forward, silu_mul_reference
 from .masks import transpose_keep_and_slots, transpose_keep_and_slots_reference
 from .refresh import transpose_values, transpose_values_reference
 
@@ -35,4 +39,10 @@ __all__ = [
     "bias_add_reference",
     "mvue_transpose",
     "mvue_transpose_reference",
+    "rms_norm_forward",
+    "rms_norm_backward",
+    "rms_norm_reference",
+    "silu_mul_forward",
+    "silu_mul_backward",
+    "silu_mul_reference",
 ]

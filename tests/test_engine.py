@@ -31,6 +31,7 @@ def runs(tmp_path_factory):
         "resume": go("deepspeed", "resume"),
         "resume_mvue": go("deepspeed", "resume", "--stages", "2", "--mvue_dw"),
         "saved": go("deepspeed", "save_for_universal"),
+        "fusion": go("deepspeed", "fusion", "--stages", "2,3"),
     }
     from dsparse.checkpoint import to_universal
 
@@ -60,6 +61,14 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(runs, stage, ga):
     assert len({tuple(r["checksum"]) for r in one["rows"]}) > 2  # the W̃ᵀ masks did change
     assert [r["phase"] for r in one["rows"]] == ["sparse"] * 4 + ["adapters"] * 4
     assert all(r["applied"] for r in one["rows"])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fused_kernels_train_like_the_hf_modules(runs, stage):
+    """The fused RMSNorm and SwiGLU (ZeRO-3: with partitioned norm weights) give HF's losses."""
+    plain, fused = runs["fusion"][f"stage{stage}_fused0"], runs["fusion"][f"stage{stage}_fused1"]
+    assert plain["fused_modules"] == [] and fused["fused_modules"] == ["FusedGatedMLP", "FusedRMSNorm"]
+    assert _close(fused["losses"], plain["losses"], 1e-4), (fused["losses"], plain["losses"])
 
 
 def test_mpiexec_path_matches(runs):

@@ -7,7 +7,8 @@ are captured, not run, so the arguments are specialized exactly as on the GPU.
 import pytest
 import torch
 
-from kernels import bias_add, gather_kept, lowrank_addmm, mvue_transpose, transpose_keep_and_slots, transpose_values
+from kernels import (bias_add, gather_kept, lowrank_addmm, mvue_transpose, rms_norm_backward, rms_norm_forward,
+                     silu_mul_backward, silu_mul_forward, transpose_keep_and_slots, transpose_values)
 from kernels._testing import random_keep_t, random_kept
 from kernels._triton import capture_launches, compile_offline
 
@@ -66,6 +67,21 @@ def test_gather_kept_compiles(arch, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mvue_transpose_compiles(arch, dtype):
     _compile(lambda: mvue_transpose(torch.zeros(40, 64, dtype=dtype), torch.zeros(64, 24), 48), arch)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_compiles(arch, dtype):
+    x, w = torch.zeros(40, 2048, dtype=dtype), torch.ones(2048, dtype=dtype)
+    _compile(lambda: rms_norm_forward(x, w, 1e-6), arch)
+    _compile(lambda: rms_norm_backward(x, x, w, torch.ones(40)), arch)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_silu_mul_compiles(arch):
+    g = torch.zeros(40, 5632, dtype=torch.bfloat16)
+    _compile(lambda: silu_mul_forward(g, g), arch)
+    _compile(lambda: silu_mul_backward(g, g, g), arch)
 
 
 def test_bias_add_compiles():

@@ -49,3 +49,12 @@ def test_two_gpus_over_nccl_match_one(one_gpu, tmp_path):
         assert _rel([r["loss"] for r in result["rows"]], [r["loss"] for r in one["rows"]]) < 2e-2
         if not key.startswith("stage0"):
             assert result["memory"]["optimizer_state_numel"] < 0.6 * one["memory"]["optimizer_state_numel"]
+
+
+def test_backward_runs_on_the_calling_thread_unless_configured(tmp_path):
+    out = str(tmp_path / "threads.json")
+    run("single", WORKER, ["threads", "--out", out], ranks=1)
+    with open(out) as f:
+        seen = json.load(f)
+    assert seen["multithreading0"] == [seen["main"]]
+    assert seen["multithreading1"] and seen["main"] not in seen["multithreading1"]

@@ -129,6 +129,33 @@ def scenario_equivalence(args) -> dict:
     return out
 
 
+def scenario_fusion(args) -> dict:
+    """Per-step losses with the fused RMSNorm/SwiGLU kernels (the Triton interpreter on CPU) and without."""
+    out = {}
+    for stage in args.stages:
+        for enabled in (False, True):
+            config = {**ds_config(stage, dist.get_world_size()), "fusion": {"enabled": enabled}}
+            engine = build(config)
+            fused = sorted({type(m).__name__ for m in engine.module.modules() if type(m).__name__.startswith("Fused")})
+            out[f"stage{stage}_fused{int(enabled)}"] = {"losses": [r["loss"] for r in train(engine, 0, 4)],
+                                                         "fused_modules": fused}
+    return out
+
+
+def scenario_threads(args) -> dict:
+    """Which thread runs the backward: autograd's device thread only with "autograd": {"multithreading": true}."""
+    import threading
+
+    out = {"main": threading.get_ident()}
+    for threaded in (False, True):
+        engine = build({**ds_config(2, dist.get_world_size()), "autograd": {"multithreading": threaded}})
+        seen = set()
+        engine.sparsity.layers[0].values.register_hook(lambda grad: seen.add(threading.get_ident()))
+        train(engine, 0, 1)
+        out[f"multithreading{int(threaded)}"] = sorted(seen)
+    return out
+
+
 def scenario_resume(args) -> dict:
     """Save at k, resume in a fresh engine, compare with the uninterrupted run (same world size)."""
     world = dist.get_world_size()

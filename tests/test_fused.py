@@ -1,0 +1,93 @@
+"""dsparse.fuse_model: HF LLaMA blocks with the fused RMSNorm / SwiGLU kernels compute what HF computes."""
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from dsparse import FusionConfig, SparsityConfig, fuse_model, sparse_modules, sparsify
+from dsparse.config import AutogradConfig
+from dsparse.nn import FusedGatedMLP, FusedRMSNorm
+
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
+
+
+def _llama(act: str = "silu", seed: int = 0) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, hidden_act=act)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_matches_hf(device, dtype):
+    hf = LlamaRMSNorm(80, eps=1e-5).to(device, dtype)
+    with torch.no_grad():
+        hf.weight.copy_(torch.linspace(0.5, 1.5, 80))
+    fused = FusedRMSNorm(copy.deepcopy(hf.weight), hf.variance_epsilon)
+    x = (torch.randn(3, 5, 80) * 2).to(device, dtype)
+    dy = torch.randn(3, 5, 80).to(device, dtype)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((hf, fused), xs)]
+    for out in outs:
+        out.backward(dy)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, **tol)
+    torch.testing.assert_close(fused.weight.grad, hf.weight.grad, rtol=tol["rtol"], atol=tol["atol"] * 15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_llama_matches_hf_forward_and_backward(device):
+    hf = _llama().to(device)
+    fused = copy.deepcopy(hf)
+    counts = fuse_model(fused)
+    assert counts == {"rms_norm": 5, "swiglu": 2}  # 2 per block and the final norm; one MLP per block
+    assert isinstance(fused.model.norm, FusedRMSNorm) and isinstance(fused.model.layers[0].mlp, FusedGatedMLP)
+    assert list(fused.state_dict()) == list(hf.state_dict())
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    losses = [m(input_ids=ids, labels=ids).loss for m in (hf, fused)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    grads = [dict((n, p.grad) for n, p in m.named_parameters()) for m in (hf, fused)]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fusion_and_sparsity_compose_in_either_order():
+    """The swap keeps the linear layers' names, so the same layers become sparse either way."""
+    config = SparsityConfig(backend="reference")
+    first = _llama()
+    fuse_model(first)
+    sparsify(first, config)
+    second = _llama()
+    sparsify(second, config)
+    fuse_model(second)
+    names_a, names_b = ([name for name, _ in sparse_modules(m)] for m in (first, second))
+    assert names_a == names_b and len(names_a) == 14
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(first(input_ids=ids).logits, second(input_ids=ids).logits)
+
+
+def test_other_activations_are_left_alone():
+    model = _llama(act="gelu")
+    assert fuse_model(model) == {"rms_norm": 5, "swiglu": 0}
+    assert fuse_model(_llama(), rms_norm=False) == {"rms_norm": 0, "swiglu": 2}
+
+
+def test_fusion_and_autograd_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match="did you mean 'rms_norm'"):
+        FusionConfig.from_dict({"rmsnorm": True})
+    with pytest.raises(ValueError, match='true, false or "auto"'):
+        FusionConfig.from_dict({"enabled": "yes"})
+    auto = FusionConfig.from_dict(None)
+    assert auto.active(on_cuda=True) and not auto.active(on_cuda=False)
+    assert FusionConfig.from_dict({"enabled": True}).active(on_cuda=False)
+    with pytest.raises(ValueError, match="did you mean 'multithreading'"):
+        AutogradConfig.from_dict({"multithread": True})
+    with pytest.raises(ValueError, match="true or false"):
+        AutogradConfig.from_dict({"multithreading": "yes"})
+    assert not AutogradConfig.from_dict(None).multithreading
