@@ -91,3 +91,20 @@ def test_fusion_and_autograd_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="true or false"):
         AutogradConfig.from_dict({"multithreading": "yes"})
     assert not AutogradConfig.from_dict(None).multithreading
+
+
+def test_fused_model_under_activation_checkpointing_gives_the_same_gradients():
+    """HF's gradient checkpointing recomputes the fused blocks in backward: same loss and gradients."""
+    plain = _llama()
+    fuse_model(plain)
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.train()
+    plain.train()
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(2))
+    losses = [m(input_ids=ids, labels=ids).loss for m in (plain, ckpt)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
