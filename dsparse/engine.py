@@ -2,9 +2,11 @@
 
 One training step, as a user's loop drives it::
 
-    loss = engine(**batch).loss   # each SparseLinear: Y = X (M⊙W)ᵀ on its compressed operand
+    loss = engine(**batch).loss   # each SparseLinear: Y = X (M⊙W)ᵀ on its compressed operand; RMSNorm
+                                  # and SwiGLU run fused Triton kernels ("fusion", dense runs too)
     engine.backward(loss)         # dX = dY W̃ (double-pruned transpose); the kept-entry dW lands in
-                                  # values.grad, which DeepSpeed reduces (half the bytes of dense)
+                                  # values.grad, which DeepSpeed reduces (half the bytes of dense);
+                                  # run on this thread, not autograd's device thread ("autograd")
     engine.step()                 # DeepSpeed: ZeRO step, clipping, loss scale, LR schedule; then, if the
                                   # step was applied, SparseTraining.after_step: the W̃ᵀ masks follow
                                   # their schedule (checked across ranks), the operands are marked stale,
