@@ -7,7 +7,9 @@
 * ``lowrank_addmm`` (``y + scale * u @ bᵀ + bias``) vs ``torch.addmm`` (+ bias), and
   ``bias_add`` vs ``y + bias``;
 * the fused RMSNorm and SwiGLU gate (:mod:`dsparse.nn.fused`) vs HF's ``LlamaRMSNorm`` and
-  ``silu(g) * u``, forward + backward through autograd, at llama-1b's widths.
+  ``silu(g) * u``, forward + backward through autograd (eager, so autograd's host time counts
+  too; the step profiles of ``bench.step --profile`` give the kernels' own GPU time), at
+  llama-1b's widths.
 
 Every kernel result is checked against its reference first (bit-exact for the gathers).
 Times are eager medians (``bench.common.time_ms``); GB/s counts each tensor read or

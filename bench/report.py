@@ -54,8 +54,8 @@ def kernel_table() -> list[str]:
         fused = data.get("fused")
         if fused:
             shape = f"{fused['tokens']} tokens, {fused['hidden']} / {fused['inter']} {fused['dtype']}"
-            for what, key in (("RMSNorm fwd+bwd (vs HF LlamaRMSNorm)", "rms_norm"),
-                              ("SwiGLU gate fwd+bwd (vs silu(g) * u)", "swiglu")):
+            for what, key in (("RMSNorm fwd+bwd through autograd, eager (vs HF LlamaRMSNorm)", "rms_norm"),
+                              ("SwiGLU gate fwd+bwd through autograd, eager (vs silu(g) * u)", "swiglu")):
                 lines.append(f"| {what} | {shape} | {fused[key + '_fused_ms']:.3f} ms | {fused[key + '_hf_ms']:.3f} ms | "
                              f"{fused[key + '_speedup']:.1f}x |")
         lines.append("")

@@ -8,7 +8,9 @@ compiled kernel (or through the interpreter when ``TRITON_INTERPRET=1``, as trit
 tensors on the CPU always through the interpreter, whatever the variable said at import.
 
 Kernels wrapped this way must not call other ``@triton.jit`` functions (those would be
-bound to one mode only); they inline everything.
+bound to one mode only, and ``tl.sum``, ``tl.sigmoid`` and the like are such functions);
+they inline everything. The one exception is the combine function of ``tl.reduce`` built as
+a ``JITFunction`` explicitly, which both modes accept (:mod:`kernels.norm`).
 """
 from __future__ import annotations
 
