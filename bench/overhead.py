@@ -33,8 +33,9 @@ def host_and_gpu_us(fn: Callable[[], object], iters: int = 200) -> dict[str, flo
 
     The calls are enqueued behind a long GPU sleep, so the host never waits on the GPU:
     the wall time of enqueueing is the host's cost alone, and CUDA events around the calls
-    time the GPU running them back to back. ``enqueue`` close to the sleep itself would mean
-    ``fn`` synchronises with the GPU.
+    time the GPU running them back to back. A ``host`` time near the sleep's length divided
+    by ``iters`` (~2.5 ms) would mean the host did wait: ``fn`` synchronises with the GPU, or
+    its launches filled CUDA's queue.
     """
     for _ in range(10):
         fn()
