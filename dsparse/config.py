@@ -37,6 +37,11 @@ def _check_keys(section: str, given: dict[str, Any], allowed: list[str]) -> None
             raise ValueError(f"unknown key {key!r} in {section}{hint}")
 
 
+def _check_bool(key: str, value: Any, allowed: str = "true or false") -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be {allowed}, got {value!r}")
+
+
 def _compile(patterns: list[str], key: str) -> list[re.Pattern]:
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -176,8 +181,10 @@ class FusionConfig:
     swiglu: bool = True
 
     def __post_init__(self) -> None:
-        if self.enabled not in (True, False, "auto"):
-            raise ValueError(f'fusion.enabled must be true, false or "auto", got {self.enabled!r}')
+        if self.enabled != "auto":
+            _check_bool("fusion.enabled", self.enabled, 'true, false or "auto"')
+        _check_bool("fusion.rms_norm", self.rms_norm)
+        _check_bool("fusion.swiglu", self.swiglu)
 
     @classmethod
     def from_dict(cls, section: dict[str, Any] | None) -> "FusionConfig":
@@ -210,6 +217,5 @@ class AutogradConfig:
         """Validate an ``"autograd"`` dict; unknown or misspelt keys are errors."""
         section = dict(section or {})
         _check_keys("autograd", section, [f.name for f in fields(cls)])
-        if not isinstance(section.get("multithreading", False), bool):
-            raise ValueError(f"autograd.multithreading must be true or false, got {section['multithreading']!r}")
+        _check_bool("autograd.multithreading", section.get("multithreading", False))
         return cls(**section)

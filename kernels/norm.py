@@ -13,6 +13,8 @@ block of GPU time after the GEMMs (``bench/results/engine_h100_profile.json``). 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -87,6 +89,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * normed.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (2 for the CPU interpreter: a few programs suffice)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
@@ -142,8 +150,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if rows == 0:
         return dx, torch.zeros_like(weight)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
-    rows_per_prog = triton.next_power_of_2(triton.cdiv(rows, sms * _BWD_PROGRAMS_PER_SM))
+    rows_per_prog = triton.next_power_of_2(triton.cdiv(rows, _sm_count(x.device) * _BWD_PROGRAMS_PER_SM))
     programs = triton.cdiv(rows, rows_per_prog)
     partial = torch.empty(programs, cols, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(cols)

@@ -27,8 +27,8 @@ def test_fused_rms_norm_matches_hf(device, dtype):
     with torch.no_grad():
         hf.weight.copy_(torch.linspace(0.5, 1.5, 80))
     fused = FusedRMSNorm(copy.deepcopy(hf.weight), hf.variance_epsilon)
-    x = (torch.randn(3, 5, 80) * 2).to(device, dtype)
-    dy = torch.randn(3, 5, 80).to(device, dtype)
+    x = (torch.randn(80, 15) * 2).to(device, dtype).t()  # rows not contiguous: the module copies them
+    dy = torch.randn(15, 80).to(device, dtype)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     outs = [m(xi) for m, xi in zip((hf, fused), xs)]
     for out in outs:
@@ -83,6 +83,8 @@ def test_fusion_and_autograd_config_errors_name_the_fix():
         FusionConfig.from_dict({"rmsnorm": True})
     with pytest.raises(ValueError, match='true, false or "auto"'):
         FusionConfig.from_dict({"enabled": "yes"})
+    with pytest.raises(ValueError, match="fusion.swiglu must be true or false"):
+        FusionConfig.from_dict({"swiglu": "no"})
     auto = FusionConfig.from_dict(None)
     assert auto.active(on_cuda=True) and not auto.active(on_cuda=False)
     assert FusionConfig.from_dict({"enabled": True}).active(on_cuda=False)

@@ -28,6 +28,8 @@ class _RMSNormFunction(torch.autograd.Function):
         from kernels import rms_norm_forward
 
         x2d = x.reshape(-1, x.shape[-1])
+        if x2d.stride(-1) != 1:  # the kernel reads rows as contiguous runs
+            x2d = x2d.contiguous()
         y, rstd = rms_norm_forward(x2d, weight, eps)
         ctx.save_for_backward(x2d, weight, rstd)
         return y.view(*x.shape[:-1], y.shape[-1])
