@@ -76,6 +76,12 @@ KERNEL_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+def category_order(runs: list[dict[str, Any]]) -> list[str]:
+    """The kernel categories present in ``runs``' profiles, in :data:`KERNEL_CATEGORIES` order, then "other"."""
+    present = {c for run in runs for c in run["gpu_profile"]["by_category_ms"]}
+    return [c for c in [name for name, _ in KERNEL_CATEGORIES] + ["other"] if c in present]
+
+
 def kernel_breakdown(prof: Any, steps: int, top: int = 25) -> dict[str, Any]:
     """GPU milliseconds per step of a ``torch.profiler`` run of ``steps`` steps, by kernel category.
 

@@ -1,4 +1,5 @@
-"""PNG charts of the benchmark results: layer speedups per shape, and training/inference ratios.
+"""PNG charts of the benchmark results: layer speedups per shape, training/inference ratios, and where
+a training step's GPU time goes (the ``--profile`` runs of bench/step.py).
 
     python -m bench.plot        # writes bench/results/<name>.png next to each JSON it can draw
 """
@@ -62,10 +63,43 @@ def plot_ratios(path: str) -> str | None:
     return out
 
 
+def plot_profile(path: str) -> str | None:
+    """One stacked bar per run: GPU milliseconds per step by kernel category, and the step's wall time."""
+    from bench.common import category_order
+
+    runs = json.load(open(path))["runs"]
+    order = category_order(list(runs.values()))
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) + 2))
+    left = [0.0] * len(names)
+    colors = plt.get_cmap("tab20").colors
+    for i, category in enumerate(order):
+        widths = [runs[n]["gpu_profile"]["by_category_ms"].get(category, 0.0) for n in names]
+        ax.barh(names, widths, left=left, color=colors[i % len(colors)], label=category)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.scatter([runs[n]["step_s_median"] * 1e3 for n in names], names, marker="|", s=300, color="black",
+               label="step wall time", zorder=3)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step")
+    first = next(iter(runs.values()))
+    ax.set_title(f"{first['model']}, {first['micro_batch_size']}x{first['seq_len']} tokens: GPU time by kernel category")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    fig.tight_layout()
+    out = path.removesuffix(".json") + ".png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main() -> None:
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
         name = os.path.basename(path)
-        out = plot_layer(path) if name.startswith("layer_") else plot_ratios(path)
+        if name.startswith("layer_"):
+            out = plot_layer(path)
+        elif name.endswith("_profile.json"):
+            out = plot_profile(path)
+        else:
+            out = plot_ratios(path)
         if out:
             print(f"wrote {out}")
 

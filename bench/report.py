@@ -83,14 +83,16 @@ def engine_table() -> list[str]:
 
 def profile_table() -> list[str]:
     """GPU milliseconds per step by kernel category, from the ``--profile`` runs of bench/step.py."""
+    from bench.common import category_order
+
     lines = []
     for name, data in _load("bench/results/engine_*_profile.json"):
         runs = data["runs"]
-        order: list[str] = []
-        for run in runs.values():
-            order += [c for c in run["gpu_profile"]["by_category_ms"] if c not in order]
+        order = category_order(list(runs.values()))
         first = next(iter(runs.values()))
-        lines += [f"**Where a step's GPU time goes** (`{name}`; {first['model']}, {first['micro_batch_size']}x"
+        png = f"bench/results/{name.removesuffix('.json')}.png"
+        chart = f", chart `{png}`" if os.path.exists(os.path.join(ROOT, png)) else ""
+        lines += [f"**Where a step's GPU time goes** (`{name}`{chart}; {first['model']}, {first['micro_batch_size']}x"
                   f"{first['seq_len']} tokens, ZeRO-{first['zero_stage']} bf16; "
                   f"{_env(data.get('measured_environment') or data['environment'])}): ms per step, torch.profiler", "",
                   "| run | step (wall) | GPU busy | " + " | ".join(order) + " |", "|---" * (len(order) + 3) + "|"]
