@@ -16,7 +16,7 @@
 #   infer        prefill/decode of exported models vs dense
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
 #   convergence-mvue  a shorter run (300 steps): dense vs dsparse vs dsparse with MVUE weight gradients
-#   nccl         the 2-GPU engine test and step benchmark (needs 2 GPUs)
+#   nccl         the 2-GPU engine test and step benchmark, with one GPU of the same host for scale (needs 2 GPUs)
 # Results land in bench/results/ (and, packed as results.tgz, in $OUT when set). Needs deepspeed & co.:
 # carry .whl (bash ../shared/device/wheels.sh) and install it first, as the device README says.
 set -uo pipefail
@@ -79,9 +79,10 @@ for part in "$@"; do
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
     convergence-mvue) timeout 330 python3 -m bench.convergence --gpus 1 --modes dense,dsparse,dsparse_mvue \
                     --max_steps 300 --out bench/results/convergence_${gpu}_mvue.json ;;
-    nccl)         python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py
+    nccl)         timeout 300 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py
+                  for m in sparse dense; do step 1 llama-1b ${m}_x2host_1gpu --mode $m; done
                   step 2 llama-1b dense_x2 --mode dense; step 2 llama-1b sparse_x2 --mode sparse
-                  merge bench/results/engine_${gpu}x2.json $runs/llama-1b_*_x2.json ;;
+                  merge bench/results/engine_${gpu}x2.json $runs/llama-1b_*_x2*.json ;;
     *)            echo "unknown part $part" >&2; exit 2 ;;
   esac
   status=$(( status | $? ))

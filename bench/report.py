@@ -160,8 +160,10 @@ def main() -> None:
     text = open(path).read()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{START}\n{render()}\n{END}{tail}")
+    text = f"{head}{START}\n{render()}\n{END}{tail}"  # rendered before the file is touched
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
     print(f"updated {path}")
 
 
