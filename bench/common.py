@@ -68,6 +68,7 @@ KERNEL_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("dsparse Triton", ("_gather_kept_kernel", "_transpose_values_kernel", "_transpose_keep_kernel",
                         "_mvue_transpose_kernel", "_lowrank")),
     ("fused RMSNorm / SwiGLU (Triton)", ("_rms_norm_", "_silu_mul_")),
+    ("fused RoPE (Triton)", ("_rope_kernel",)),
     ("optimizer (multi-tensor)", ("multi_tensor_apply",)),
     ("copies", ("Memcpy", "direct_copy", "CatArrayBatchedCopy", "Memset")),
     ("softmax / loss", ("SoftMax", "nll_loss", "cross_entropy", "log_softmax")),

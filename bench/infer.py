@@ -4,8 +4,9 @@ Each sparse variant goes through :func:`dsparse.export.export_model` and
 :func:`dsparse.export.load_for_inference` (cuSPARSELt forward operand only, adapters fused
 onto its output), with adapter ranks 0, 1.56% and 6.25% of each layer's smaller dimension.
 Weights are random (speed does not depend on them). Ratios are against the dense model
-measured in the same process. Dense and sparse models alike run the fused RMSNorm / SwiGLU
-kernels (:func:`dsparse.fuse_model`) unless ``--fusion off``.
+measured in the same process. Dense and sparse models alike run the fused RMSNorm / SwiGLU /
+RoPE kernels (:func:`dsparse.fuse_model`; the prefill, not the few-row decode steps) unless
+``--fusion off``.
 
     python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 16
 """
@@ -18,7 +19,7 @@ import tempfile
 import torch
 
 from bench.common import gpu_tag, time_ms, write_result
-from dsparse import fuse_model, sparse_modules, sparsify
+from dsparse import fuse_model, fused_counts, sparse_modules, sparsify
 from dsparse.export import export_model, load_for_inference
 from dsparse.models import build_model
 
@@ -44,7 +45,7 @@ def measure(model, args, device) -> dict:
         decode = time_ms(generate, warmup=1, iters=max(3, args.iters // 3), inner=1)
     return {"prefill_ms": prefill, "prefill_tokens_per_s": args.batch * args.prompt / prefill * 1e3,
             "decode_ms": decode, "decode_tokens_per_s": args.batch * args.new_tokens / decode * 1e3,
-            "weight_gib": weight_bytes(model) / 2**30}
+            "weight_gib": weight_bytes(model) / 2**30, "fused_blocks": fused_counts(model)}
 
 
 def _write(results: dict, args: argparse.Namespace) -> None:
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="0,0.0156,0.0625", help="adapter rank fractions (0: none)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--fusion", choices=["on", "off"], default="on", help="fused RMSNorm / SwiGLU kernels")
+    parser.add_argument("--fusion", choices=["on", "off"], default="on", help="fused RMSNorm / SwiGLU / RoPE kernels")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     fuse = fuse_model if args.fusion == "on" else (lambda model: None)

@@ -55,7 +55,11 @@ def kernel_table() -> list[str]:
         if fused:
             shape = f"{fused['tokens']} tokens, {fused['hidden']} / {fused['inter']} {fused['dtype']}"
             for what, key in (("RMSNorm fwd+bwd through autograd, eager (vs HF LlamaRMSNorm)", "rms_norm"),
-                              ("SwiGLU gate fwd+bwd through autograd, eager (vs silu(g) * u)", "swiglu")):
+                              ("SwiGLU gate fwd+bwd through autograd, eager (vs silu(g) * u)", "swiglu"),
+                              ("RoPE of q and k fwd+bwd through autograd, eager (vs HF's apply_rotary_pos_emb)",
+                               "rope")):
+                if key + "_speedup" not in fused:  # measured before RoPE was fused
+                    continue
                 lines.append(f"| {what} | {shape} | {fused[key + '_fused_ms']:.3f} ms | {fused[key + '_hf_ms']:.3f} ms | "
                              f"{fused[key + '_speedup']:.1f}x |")
         lines.append("")
@@ -109,7 +113,11 @@ def infer_table() -> list[str]:
     lines = []
     for name, data in _load("bench/results/infer_*.json"):
         a = data["args"]
-        fused = ", fused RMSNorm/SwiGLU" if a.get("fusion") == "on" else ", HF's RMSNorm/SwiGLU"
+        fused = ", HF's RMSNorm/SwiGLU/RoPE"
+        if a.get("fusion") == "on":  # runs from before RoPE was fused did not record their blocks
+            blocks = data["results"]["dense"].get("fused_blocks", {"rms_norm": 1, "swiglu": 1})
+            fused = ", fused " + "/".join(name for key, name in (("rms_norm", "RMSNorm"), ("swiglu", "SwiGLU"),
+                                                                 ("rope", "RoPE")) if blocks.get(key))
         lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens, "
                   f"decode {a['new_tokens']} tokens{fused}; {_env(data['environment'])})",
                   *([f"", f"_{data['provenance']}_"] if "provenance" in data else []),

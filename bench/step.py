@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
         profile = kernel_breakdown(prof, args.profile)
     tokens = args.micro_batch_size * args.seq_len * dist.get_world_size()
     result = {"mode": args.mode, "grad_ckpt": args.grad_ckpt, "fused": args.fusion != "off",
+              "fused_blocks": dsparse.fused_counts(engine.module),
               "autograd_multithreading": args.autograd_threads, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _label(row: dict) -> str:
     """A run's name in the merged result: its mode, ``+grad_ckpt`` when activations were recomputed,
-    ``+unfused`` without the fused RMSNorm/SwiGLU kernels, ``+threaded`` with backward on autograd's
+    ``+unfused`` without the fused RMSNorm/SwiGLU/RoPE kernels, ``+threaded`` with backward on autograd's
     device thread (torch's default, and every run from before the flag), ``xN`` GPUs."""
     threaded = row.get("autograd_multithreading", True)
     return (row["mode"] + ("+grad_ckpt" if row.get("grad_ckpt") else "")
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument("--grad_ckpt", action="store_true",
                         help="activation checkpointing (HF gradient_checkpointing_enable); compared with dense run the same way")
     parser.add_argument("--fusion", choices=["on", "off"], default="on",
-                        help="the fused RMSNorm/SwiGLU kernels (config section 'fusion'), dense and sparse alike")
+                        help="the fused RMSNorm/SwiGLU/RoPE kernels (config section 'fusion'), dense and sparse alike")
     parser.add_argument("--autograd_threads", action="store_true",
                         help="run backward on autograd's device thread (torch's default; config 'autograd')")
     parser.add_argument("--warmup", type=int, default=5)

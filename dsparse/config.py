@@ -15,7 +15,7 @@ Example (every key optional)::
         "total_steps": 10000,
         "adapters": {"rank_fraction": 0.0156, "alpha": 1.0, "start": 0.99, "weight_decay": 0.0}
     },
-    "fusion": {"enabled": "auto", "rms_norm": true, "swiglu": true},
+    "fusion": {"enabled": "auto", "rms_norm": true, "swiglu": true, "rope": true, "min_rows": 256},
     "autograd": {"multithreading": false}
 """
 from __future__ import annotations
@@ -173,18 +173,27 @@ class FusionConfig:
     """Fused Triton kernels for the model's elementwise blocks (:func:`dsparse.nn.fuse_model`), dense or sparse.
 
     ``enabled``: ``"auto"`` fuses on CUDA (on CPU the kernels would run through the Triton
-    interpreter), ``true`` everywhere, ``false`` never.
+    interpreter), ``true`` everywhere, ``false`` never. ``rms_norm``, ``swiglu``, ``rope``: which
+    blocks; ``min_rows``: inputs of fewer rows run HF's torch code.
     """
 
     enabled: bool | str = "auto"
     rms_norm: bool = True
     swiglu: bool = True
+    rope: bool = True
+    # fewer rows (tokens; positions for RoPE) run HF's torch code: a decode step's few rows gain nothing
+    # from one fused kernel and pay its launch
+    min_rows: int = 256
 
     def __post_init__(self) -> None:
         if self.enabled != "auto":
             _check_bool("fusion.enabled", self.enabled, 'true, false or "auto"')
         _check_bool("fusion.rms_norm", self.rms_norm)
         _check_bool("fusion.swiglu", self.swiglu)
+        _check_bool("fusion.rope", self.rope)
+        if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) or self.min_rows < 0:
+            raise ValueError(f"fusion.min_rows must be an integer >= 0 (rows below it run HF's torch code), "
+                             f"got {self.min_rows!r}")
 
     @classmethod
     def from_dict(cls, section: dict[str, Any] | None) -> "FusionConfig":

@@ -2,8 +2,8 @@
 
 One training step, as a user's loop drives it::
 
-    loss = engine(**batch).loss   # each SparseLinear: Y = X (M⊙W)ᵀ on its compressed operand; RMSNorm
-                                  # and SwiGLU run fused Triton kernels ("fusion", dense runs too)
+    loss = engine(**batch).loss   # each SparseLinear: Y = X (M⊙W)ᵀ on its compressed operand; RMSNorm,
+                                  # SwiGLU and RoPE run fused Triton kernels ("fusion", dense runs too)
     engine.backward(loss)         # dX = dY W̃ (double-pruned transpose); the kept-entry dW lands in
                                   # values.grad, which DeepSpeed reduces (half the bytes of dense);
                                   # run on this thread, not autograd's device thread ("autograd")
@@ -312,7 +312,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         if sparsity.enabled:
             model.to(get_accelerator().current_device_name())  # prune on this rank's GPU (DeepSpeed moves it there)
     if fusion.active(get_accelerator().device_name() == "cuda"):
-        fuse_model(model, rms_norm=fusion.rms_norm, swiglu=fusion.swiglu)
+        fuse_model(model, rms_norm=fusion.rms_norm, swiglu=fusion.swiglu, rope=fusion.rope,
+                   min_rows=fusion.min_rows)
     state = SparseTraining.prepare(model, sparsity, zero_stage)
     params = state.param_groups(model, optimizer, model_parameters)
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(

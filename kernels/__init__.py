@@ -10,6 +10,8 @@
   reduction to the kept entries).
 * :func:`rms_norm_forward` / :func:`rms_norm_backward` — LLaMA's RMSNorm, one pass each way.
 * :func:`silu_mul_forward` / :func:`silu_mul_backward` — SwiGLU's ``silu(g)·u``, one pass each way.
+* :func:`rope_forward` / :func:`rope_backward` — the rotary embedding of queries or keys, one pass
+  each way, bit-identical to HF's.
 * :func:`mvue_transpose` — the unbiased 2:4 sparsification of ``dYᵀ`` for MVUE weight
   gradients, transposed and padded in one pass.
 
@@ -23,6 +25,7 @@ from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_
 from .mvue import mvue_transpose, mvue_transpose_reference
 from .norm import rms_norm_backward, rms_norm_forward, rms_norm_reference
 from .swiglu import silu_mul_backward, silu_mul_forward, silu_mul_reference
+from .rope import rope_backward, rope_forward, rope_reference
 from .masks import transpose_keep_and_slots, transpose_keep_and_slots_reference
 from .refresh import transpose_values, transpose_values_reference
 
@@ -45,4 +48,7 @@ __all__ = [
     "silu_mul_forward",
     "silu_mul_backward",
     "silu_mul_reference",
+    "rope_forward",
+    "rope_backward",
+    "rope_reference",
 ]

@@ -1,4 +1,7 @@
-"""dsparse.fuse_model: HF LLaMA blocks with the fused RMSNorm / SwiGLU kernels compute what HF computes."""
+"""dsparse.fuse_model: HF LLaMA blocks with the fused RMSNorm / SwiGLU / RoPE kernels compute what HF computes.
+
+The tiny test models have fewer rows than ``fusion.min_rows``' default, so the tests that need
+the kernels to run pass ``min_rows=0``."""
 import copy
 
 import pytest
@@ -9,6 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from dsparse import FusionConfig, SparsityConfig, fuse_model, sparse_modules, sparsify
 from dsparse.config import AutogradConfig
 from dsparse.nn import FusedGatedMLP, FusedRMSNorm
+from kernels._triton import capture_launches
 
 DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 
@@ -26,7 +30,7 @@ def test_fused_rms_norm_matches_hf(device, dtype):
     hf = LlamaRMSNorm(80, eps=1e-5).to(device, dtype)
     with torch.no_grad():
         hf.weight.copy_(torch.linspace(0.5, 1.5, 80))
-    fused = FusedRMSNorm(copy.deepcopy(hf.weight), hf.variance_epsilon)
+    fused = FusedRMSNorm(copy.deepcopy(hf.weight), hf.variance_epsilon, min_rows=0)
     x = (torch.randn(80, 15) * 2).to(device, dtype).t()  # rows not contiguous: the module copies them
     dy = torch.randn(15, 80).to(device, dtype)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
@@ -43,8 +47,9 @@ def test_fused_rms_norm_matches_hf(device, dtype):
 def test_fused_llama_matches_hf_forward_and_backward(device):
     hf = _llama().to(device)
     fused = copy.deepcopy(hf)
-    counts = fuse_model(fused)
-    assert counts == {"rms_norm": 5, "swiglu": 2}  # 2 per block and the final norm; one MLP per block
+    counts = fuse_model(fused, min_rows=0)
+    assert counts == {"rms_norm": 5, "swiglu": 2, "rope": 2}  # 2 norms per block and the final one; per block
+    # one MLP and one attention
     assert isinstance(fused.model.norm, FusedRMSNorm) and isinstance(fused.model.layers[0].mlp, FusedGatedMLP)
     assert list(fused.state_dict()) == list(hf.state_dict())
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
@@ -61,11 +66,11 @@ def test_fusion_and_sparsity_compose_in_either_order():
     """The swap keeps the linear layers' names, so the same layers become sparse either way."""
     config = SparsityConfig(backend="reference")
     first = _llama()
-    fuse_model(first)
+    fuse_model(first, min_rows=0)
     sparsify(first, config)
     second = _llama()
     sparsify(second, config)
-    fuse_model(second)
+    fuse_model(second, min_rows=0)
     names_a, names_b = ([name for name, _ in sparse_modules(m)] for m in (first, second))
     assert names_a == names_b and len(names_a) == 14
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -74,8 +79,9 @@ def test_fusion_and_sparsity_compose_in_either_order():
 
 def test_other_activations_are_left_alone():
     model = _llama(act="gelu")
-    assert fuse_model(model) == {"rms_norm": 5, "swiglu": 0}
-    assert fuse_model(_llama(), rms_norm=False) == {"rms_norm": 0, "swiglu": 2}
+    assert fuse_model(model) == {"rms_norm": 5, "swiglu": 0, "rope": 2}
+    assert fuse_model(_llama(), rms_norm=False, rope=False) == {"rms_norm": 0, "swiglu": 2, "rope": 0}
+    assert fuse_model(model) == {"rms_norm": 0, "swiglu": 0, "rope": 0}  # fusing twice changes nothing
 
 
 def test_fusion_and_autograd_config_errors_name_the_fix():
@@ -85,6 +91,8 @@ def test_fusion_and_autograd_config_errors_name_the_fix():
         FusionConfig.from_dict({"enabled": "yes"})
     with pytest.raises(ValueError, match="fusion.swiglu must be true or false"):
         FusionConfig.from_dict({"swiglu": "no"})
+    with pytest.raises(ValueError, match="fusion.min_rows must be an integer >= 0"):
+        FusionConfig.from_dict({"min_rows": -1})
     auto = FusionConfig.from_dict(None)
     assert auto.active(on_cuda=True) and not auto.active(on_cuda=False)
     assert FusionConfig.from_dict({"enabled": True}).active(on_cuda=False)
@@ -98,7 +106,7 @@ def test_fusion_and_autograd_config_errors_name_the_fix():
 def test_fused_model_under_activation_checkpointing_gives_the_same_gradients():
     """HF's gradient checkpointing recomputes the fused blocks in backward: same loss and gradients."""
     plain = _llama()
-    fuse_model(plain)
+    fuse_model(plain, min_rows=0)
     ckpt = copy.deepcopy(plain)
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ckpt.train()
@@ -110,3 +118,42 @@ def test_fused_model_under_activation_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(losses[1], losses[0])
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_rope_is_bit_identical_to_hf(device):
+    """Rotary embedding alone fused: logits and gradients equal HF's exactly (bf16 on CUDA; fp32 on
+    CPU, where the interpreter's bf16 casts truncate), and the other instances' forward is untouched."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf = _llama().to(device, dtype)
+    fused = copy.deepcopy(hf)
+    assert fuse_model(fused, rms_norm=False, swiglu=False, min_rows=0) == {"rms_norm": 0, "swiglu": 0, "rope": 2}
+    assert "forward" not in vars(hf.model.layers[0].self_attn)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
+    outs = [m(input_ids=ids, labels=ids) for m in (hf, fused)]
+    assert torch.equal(outs[1].logits, outs[0].logits)
+    for out in outs:
+        out.loss.backward()
+    for (name, a), (_, b) in zip(hf.named_parameters(), fused.named_parameters()):
+        assert torch.equal(b.grad, a.grad), name
+
+
+def test_fewer_rows_than_min_rows_run_hf_code():
+    """Below min_rows no kernel is launched (a decode step); from min_rows on, every fused block is."""
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(6))
+    for min_rows, launched in ((25, set()), (24, {"_rms_norm_fwd_kernel", "_silu_mul_fwd_kernel", "_rope_kernel"})):
+        model = _llama()
+        fuse_model(model, min_rows=min_rows)
+        with torch.no_grad(), capture_launches() as calls:  # launches are recorded, not run
+            model(input_ids=ids)
+        assert {kernel.fn.__name__ for kernel, *_ in calls} == launched
+
+
+def test_fused_model_generates_what_hf_generates():
+    """Greedy decoding with the KV cache: the prefill runs the kernels, each 2-row decode step HF's code."""
+    hf = _llama()
+    fused = copy.deepcopy(hf)
+    fuse_model(fused, min_rows=8)
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(7))
+    outs = [m.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0) for m in (hf, fused)]
+    assert torch.equal(outs[1], outs[0])

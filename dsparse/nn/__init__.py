@@ -1,6 +1,6 @@
 """Sparse modules and the converter that puts them into a model."""
 from .convert import sparse_modules, sparsify
-from .fused import FusedGatedMLP, FusedRMSNorm, fuse_model
+from .fused import FusedGatedMLP, FusedRMSNorm, fuse_model, fused_counts
 from .sparse_linear import SparseLinear
 
-__all__ = ["SparseLinear", "sparsify", "sparse_modules", "fuse_model", "FusedRMSNorm", "FusedGatedMLP"]
+__all__ = ["SparseLinear", "sparsify", "sparse_modules", "fuse_model", "fused_counts", "FusedRMSNorm", "FusedGatedMLP"]

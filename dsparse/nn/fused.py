@@ -1,25 +1,37 @@
-"""Fused replacements for the elementwise parts of a LLaMA block: RMSNorm and SwiGLU's gate.
+"""Fused replacements for the elementwise parts of a LLaMA block: RMSNorm, SwiGLU's gate and RoPE.
 
 Sparsity shrinks only the GEMMs, so every millisecond of unfused elementwise work caps the
 speedup of a training step (``bench/results/engine_h100_profile.json``: on a llama-1b
 step HF's RMSNorm, SwiGLU and the like are a third of the GPU time, dense or sparse).
 :func:`fuse_model` swaps HF's ``LlamaRMSNorm`` and ``LlamaMLP`` (and the identical
-Mistral/Qwen2 classes) for modules running :mod:`kernels.norm` and :mod:`kernels.swiglu`.
+Mistral/Qwen2 classes) for modules running :mod:`kernels.norm` and :mod:`kernels.swiglu`, and
+points each ``LlamaAttention``'s forward at :mod:`kernels.rope` for its rotary embedding.
 The swap keeps every parameter object and every state-dict key, so it works before or after
 :func:`dsparse.sparsify`, and checkpoints load either way. Dense and sparse models fuse alike.
+
+Below ``min_rows`` rows (default :data:`MIN_FUSED_ROWS`; decoding a few tokens at a time) each
+module runs HF's torch code instead: there a Triton launch costs more host time than the GPU work it saves (llama-1b,
+batch 8 on an H100: 282 → 324 ms for 16 new tokens with the kernels, ``bench/results/infer_h100*.json``).
 """
 from __future__ import annotations
 
 import logging
+import types
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+
+from ..config import FusionConfig
 
 logger = logging.getLogger(__name__)
 
 # HF classes whose forward is exactly LlamaRMSNorm's / LlamaMLP's (weight · round(x·rstd); down(silu(gate) · up))
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+# HF attention classes whose forward calls their module's rotate-half ``apply_rotary_pos_emb(q, k, cos, sin)``
+ROTARY_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+MIN_FUSED_ROWS = FusionConfig.min_rows  # fewer rows run HF's torch code (decoding), see FusionConfig
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -60,57 +72,139 @@ class _SiluMulFunction(torch.autograd.Function):
         return silu_mul_backward(dh.contiguous(), gate, up)
 
 
+class _RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        from kernels import rope_forward
+
+        ctx.save_for_backward(cos, sin)
+        return rope_forward(q, cos, sin), rope_forward(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor | None, dk: torch.Tensor | None):
+        from kernels import rope_backward
+
+        cos, sin = ctx.saved_tensors
+        grads = [None if g is None else rope_backward(g if g.stride(-1) == 1 else g.contiguous(), cos, sin)
+                 for g in (dq, dk)]
+        return grads[0], grads[1], None, None
+
+
+def _rotary_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int,
+                    min_rows: int) -> bool:
+    """Whether the rope kernels compute HF's ``apply_rotary_pos_emb`` for these operands: (b, heads, seq,
+    head_dim) queries/keys, (b or 1, seq, head_dim) tables of their dtype, at least ``min_rows`` positions."""
+    b, _, s, d = q.shape if q.dim() == 4 else (0, 0, 0, 0)
+    return (unsqueeze_dim == 1 and k.dim() == 4 and b * s >= max(min_rows, 1) and d % 2 == 0
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and (k.shape[0], k.shape[2], k.shape[3]) == (b, s, d) and cos.shape == sin.shape
+            and cos.dim() == 3 and cos.shape[0] in (1, b) and tuple(cos.shape[1:]) == (s, d)
+            and not (cos.requires_grad or sin.requires_grad) and all(t.stride(-1) == 1 for t in (q, k, cos, sin)))
+
+
+def _fused_rotary(hf_apply: Callable, min_rows: int) -> Callable:
+    """HF's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``: the rope kernels where they
+    apply (the results are bit-identical), ``hf_apply`` itself otherwise."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if _rotary_applies(q, k, cos, sin, unsqueeze_dim, min_rows):
+            return _RotaryFunction.apply(q, k, cos, sin)
+        return hf_apply(q, k, cos, sin, unsqueeze_dim)
+
+    return apply_rotary_pos_emb
+
+
+def _fuse_rotary(attn: nn.Module, min_rows: int) -> bool:
+    """Run ``attn``'s own forward code with its module's ``apply_rotary_pos_emb`` replaced by the fused
+    one, for this instance only: HF's forward calls that module-level function by name, and a copy
+    of the function with other globals changes nothing else (other models, other instances)."""
+    forward = type(attn).forward
+    hf_apply = forward.__globals__.get("apply_rotary_pos_emb")
+    if "forward" in vars(attn) or hf_apply is None or "apply_rotary_pos_emb" not in forward.__code__.co_names:
+        return False
+    scope = {**forward.__globals__, "apply_rotary_pos_emb": _fused_rotary(hf_apply, min_rows)}
+    fused = types.FunctionType(forward.__code__, scope, forward.__name__, forward.__defaults__, forward.__closure__)
+    fused.__kwdefaults__ = forward.__kwdefaults__
+    attn.forward = types.MethodType(fused, attn)
+    return True
+
+
 class FusedRMSNorm(nn.Module):
     """HF ``LlamaRMSNorm`` (``weight · round(x·rstd)``, fp32 statistics) in one kernel each way."""
 
-    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+    def __init__(self, weight: nn.Parameter, eps: float, min_rows: int = MIN_FUSED_ROWS) -> None:
         super().__init__()
         self.weight = weight
         self.variance_epsilon = eps
+        self.min_rows = min_rows
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.numel() < self.min_rows * hidden_states.shape[-1]:
+            from kernels import rms_norm_reference
+
+            return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
         return _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused from {self.min_rows} rows"
 
 
 class FusedGatedMLP(nn.Module):
     """HF ``LlamaMLP`` with ``silu``: ``down(silu(gate(x)) · up(x))``, the gate fused; same submodules."""
 
-    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module) -> None:
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
+                 min_rows: int = MIN_FUSED_ROWS) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.min_rows = min_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.numel() < self.min_rows * gate.shape[-1]:
+            from kernels import silu_mul_reference
+
+            return self.down_proj(silu_mul_reference(gate, up))
+        return self.down_proj(_SiluMulFunction.apply(gate, up))
 
 
 def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def fuse_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True) -> dict[str, int]:
-    """Swap ``model``'s HF RMSNorms and SiLU-gated MLPs for the fused modules, in place.
+def fuse_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
+               min_rows: int = MIN_FUSED_ROWS) -> dict[str, int]:
+    """Fuse ``model``'s HF RMSNorms, SiLU-gated MLPs and rotary embeddings, in place.
 
-    Returns how many of each were swapped. Other classes (e.g. Gemma's ``(1 + w)`` norm,
-    GELU-gated MLPs) are left alone: only classes known to compute exactly what the fused
-    kernels compute are touched. Training steps and prefill gain; decoding a few tokens at a
-    time does not, as a Triton launch costs more host time than HF's small torch kernels
-    (llama-1b, batch 8 on an H100: 282 → 324 ms for 16 new tokens, ``bench/results/infer_h100*.json``).
+    RMSNorms and MLPs are swapped for :class:`FusedRMSNorm` / :class:`FusedGatedMLP`; attention
+    modules keep their class and gain an instance forward that applies the rotary embedding
+    with :mod:`kernels.rope`. Inputs of fewer than ``min_rows`` rows run HF's torch code. Returns
+    how many of each were fused. Other classes (e.g. Gemma's
+    ``(1 + w)`` norm, GELU-gated MLPs) are left alone: only classes known to compute exactly
+    what the fused kernels compute are touched.
     """
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
-    counts = {"rms_norm": 0, "swiglu": 0}
+    counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
     for parent in model.modules():
+        if rope and type(parent).__name__ in ROTARY_ATTENTION_CLASSES and _fuse_rotary(parent, min_rows):
+            counts["rope"] += 1
         for name, child in parent.named_children():
             kind = type(child).__name__
             if rms_norm and kind in RMS_NORM_CLASSES:
-                swaps.append((parent, name, FusedRMSNorm(child.weight, child.variance_epsilon)))
+                swaps.append((parent, name, FusedRMSNorm(child.weight, child.variance_epsilon, min_rows)))
                 counts["rms_norm"] += 1
             elif swiglu and kind in GATED_MLP_CLASSES and _is_silu(child.act_fn):
-                swaps.append((parent, name, FusedGatedMLP(child.gate_proj, child.up_proj, child.down_proj)))
+                swaps.append((parent, name, FusedGatedMLP(child.gate_proj, child.up_proj, child.down_proj, min_rows)))
                 counts["swiglu"] += 1
     for parent, name, module in swaps:
         setattr(parent, name, module)
-    logger.info("dsparse: fused %d RMSNorms and %d SwiGLU gates", counts["rms_norm"], counts["swiglu"])
+    logger.info("dsparse: fused %d RMSNorms, %d SwiGLU gates and %d rotary embeddings",
+                counts["rms_norm"], counts["swiglu"], counts["rope"])
     return counts
+
+
+def fused_counts(model: nn.Module) -> dict[str, int]:
+    """How many RMSNorms, SwiGLU gates and rotary embeddings of ``model`` run fused (as :func:`fuse_model` counts)."""
+    modules = list(model.modules())
+    return {"rms_norm": sum(isinstance(m, FusedRMSNorm) for m in modules),
+            "swiglu": sum(isinstance(m, FusedGatedMLP) for m in modules),
+            "rope": sum(type(m).__name__ in ROTARY_ATTENTION_CLASSES and "forward" in vars(m) for m in modules)}

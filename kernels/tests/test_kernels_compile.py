@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kernels import (bias_add, gather_kept, lowrank_addmm, mvue_transpose, rms_norm_backward, rms_norm_forward,
-                     silu_mul_backward, silu_mul_forward, transpose_keep_and_slots, transpose_values)
+                     rope_backward, rope_forward, silu_mul_backward, silu_mul_forward, transpose_keep_and_slots,
+                     transpose_values)
 from kernels._testing import random_keep_t, random_kept
 from kernels._triton import capture_launches, compile_offline
 
@@ -82,6 +83,15 @@ def test_silu_mul_compiles(arch):
     g = torch.zeros(40, 5632, dtype=torch.bfloat16)
     _compile(lambda: silu_mul_forward(g, g), arch)
     _compile(lambda: silu_mul_backward(g, g, g), arch)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_compiles(arch, dtype):
+    q = torch.zeros(2, 16, 32, 4, 64, dtype=dtype)[:, :, :, 0].transpose(1, 2)  # (b, h, s, d), strided
+    cos = torch.zeros(1, 16, 64, dtype=dtype)
+    _compile(lambda: rope_forward(q, cos, cos), arch)
+    _compile(lambda: rope_backward(q, cos, cos), arch)
 
 
 def test_bias_add_compiles():

@@ -130,15 +130,29 @@ def scenario_equivalence(args) -> dict:
 
 
 def scenario_fusion(args) -> dict:
-    """Per-step losses with the fused RMSNorm/SwiGLU kernels (the Triton interpreter on CPU) and without."""
+    """Per-step losses with the fused RMSNorm/SwiGLU/RoPE kernels (the Triton interpreter on CPU) and
+    without, and how many kernel launches of each the fused run made."""
+    from kernels import _triton
+
     out = {}
     for stage in args.stages:
         for enabled in (False, True):
-            config = {**ds_config(stage, dist.get_world_size()), "fusion": {"enabled": enabled}}
+            config = {**ds_config(stage, dist.get_world_size()), "fusion": {"enabled": enabled, "min_rows": 0}}
             engine = build(config)
-            fused = sorted({type(m).__name__ for m in engine.module.modules() if type(m).__name__.startswith("Fused")})
-            out[f"stage{stage}_fused{int(enabled)}"] = {"losses": [r["loss"] for r in train(engine, 0, 4)],
-                                                         "fused_modules": fused}
+            counts = dsparse.fused_counts(engine.module)
+            launches: dict[str, int] = {}
+            launch = _triton.DualKernel.launch
+
+            def counted(self, *a, **kw):  # counts, then launches for real
+                launches[self.fn.__name__] = launches.get(self.fn.__name__, 0) + 1
+                return launch(self, *a, **kw)
+
+            _triton.DualKernel.launch = counted
+            try:
+                losses = [r["loss"] for r in train(engine, 0, 4)]
+            finally:
+                _triton.DualKernel.launch = launch
+            out[f"stage{stage}_fused{int(enabled)}"] = {"losses": losses, "fused": counts, "launches": launches}
     return out
 
 
