@@ -9,6 +9,7 @@
 #   fp8          FP8 (e4m3) 2:4 products vs bf16 and dense FP8
 #   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse; also with torch's threaded backward, and
 #                that without the fused RMSNorm/SwiGLU (HF's modules, torch's defaults)
+#   repeats      dense and dsparse (the defaults) interleaved, 3 runs of 30 steps each, pooled, GPU clocks logged
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
 #   profile      the llama-1b step of 'step', dense and dsparse, under torch.profiler: GPU time by kernel category
 #   profile-more the same with torch's threaded backward, and that without the fused RMSNorm/SwiGLU
@@ -60,6 +61,13 @@ for part in "$@"; do
                   step 1 llama-1b dense_unfused_threaded --mode dense --fusion off --autograd_threads
                   step 1 llama-1b sparse_unfused_threaded --mode sparse --fusion off --autograd_threads
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
+    repeats)      mkdir -p $runs/llama-1b_repeats bench/results/clocks
+                  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
+                    --format=csv -lms 250 > bench/results/clocks/step_${gpu}_repeats_clocks.csv & clocks=$!
+                  for i in 1 2 3; do for m in dense sparse; do
+                    step 1 llama-1b repeats/${m}_$i --mode $m --steps 30; done; done
+                  kill $clocks
+                  merge bench/results/engine_${gpu}_repeats.json $runs/llama-1b_repeats/*.json ;;
     step-more)    step 1 llama-1b dense_gc --mode dense --grad_ckpt; step 1 llama-1b sparse_gc --mode sparse --grad_ckpt
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json
                   step 1 llama-7b dense --mode dense --layers 4 --micro_batch_size 4
@@ -80,9 +88,10 @@ for part in "$@"; do
     convergence-mvue) timeout 330 python3 -m bench.convergence --gpus 1 --modes dense,dsparse,dsparse_mvue \
                     --max_steps 300 --out bench/results/convergence_${gpu}_mvue.json ;;
     nccl)         timeout 300 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py
-                  for m in sparse dense; do step 1 llama-1b ${m}_x2host_1gpu --mode $m; done
-                  step 2 llama-1b dense_x2 --mode dense; step 2 llama-1b sparse_x2 --mode sparse
-                  merge bench/results/engine_${gpu}x2.json $runs/llama-1b_*_x2*.json ;;
+                  mkdir -p $runs/llama-1b_x2  # the 2-GPU host's runs, apart from the one-GPU machine's
+                  for m in sparse dense; do step 1 llama-1b x2/${m}_1gpu --mode $m; done
+                  step 2 llama-1b x2/dense --mode dense; step 2 llama-1b x2/sparse --mode sparse
+                  merge bench/results/engine_${gpu}x2.json $runs/llama-1b_x2/*.json ;;
     *)            echo "unknown part $part" >&2; exit 2 ;;
   esac
   status=$(( status | $? ))

@@ -79,7 +79,9 @@ def engine_table() -> list[str]:
         for mode, run in data["runs"].items():
             ratio = data["vs_dense"].get(mode)
             rel = f"{ratio['speedup']:.2f}x speed, {ratio['memory_ratio']:.2f}x memory" if ratio else "-"
-            lines.append(f"| {mode} | {run['gpus']} | {run['step_s_median'] * 1e3:.0f} ms | {run['tokens_per_s']:.0f} | "
+            repeats = run.get("repeat_medians")
+            each = f" ({len(repeats)} runs: {', '.join(f'{t * 1e3:.0f}' for t in repeats)})" if repeats else ""
+            lines.append(f"| {mode} | {run['gpus']} | {run['step_s_median'] * 1e3:.0f} ms{each} | {run['tokens_per_s']:.0f} | "
                          f"{run['peak_memory_gib']:.1f} GiB | {rel} |")
         lines.append("")
     return lines

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1, "torch_adam": True,
                                                   "fused": True}},
         "steps_per_print": 10**9,
-        "fusion": {"enabled": args.fusion != "off"},
+        "fusion": {"enabled": args.fusion != "off", "rope": args.fusion != "no-rope"},
         "autograd": {"multithreading": args.autograd_threads},
     }
     if args.mode != "dense":
@@ -77,8 +77,7 @@ def run(args: argparse.Namespace) -> None:
         step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    times.sort()
-    step_s = times[len(times) // 2]
+    step_s = sorted(times)[len(times) // 2]
     profile = None
     if args.profile:  # after the timing: the profiler's own cost must not reach the step times
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -95,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
               "fused_blocks": dsparse.fused_counts(engine.module),
               "autograd_multithreading": args.autograd_threads, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
-              "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,
+              "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,  # in step order
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
               "memory_report": dsparse.memory_report(engine),
               "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
@@ -111,23 +110,41 @@ def run(args: argparse.Namespace) -> None:
 
 def _label(row: dict) -> str:
     """A run's name in the merged result: its mode, ``+grad_ckpt`` when activations were recomputed,
-    ``+unfused`` without the fused RMSNorm/SwiGLU/RoPE kernels, ``+threaded`` with backward on autograd's
-    device thread (torch's default, and every run from before the flag), ``xN`` GPUs."""
+    ``+unfused`` without the fused RMSNorm/SwiGLU/RoPE kernels, ``+no-rope`` with RMSNorm/SwiGLU only
+    (every fused run from before RoPE was), ``+threaded`` with backward on autograd's device thread
+    (torch's default, and every run from before the flag), ``xN`` GPUs."""
     threaded = row.get("autograd_multithreading", True)
+    fused = row.get("fused", False)
     return (row["mode"] + ("+grad_ckpt" if row.get("grad_ckpt") else "")
-            + ("+unfused" if not row.get("fused", False) else "") + ("+threaded" if threaded else "")
+            + ("+unfused" if not fused else "+no-rope" if not row.get("fused_blocks", {}).get("rope") else "")
+            + ("+threaded" if threaded else "")
             + (f"x{row['gpus']}" if row["gpus"] > 1 else ""))
 
 
+def _pool(rows: list[dict]) -> dict:
+    """One run, or repeats of one configuration pooled: the median over all their steps (GPU clocks
+    under the power cap vary from run to run), each run's median kept, the highest peak memory."""
+    if len(rows) == 1:
+        return rows[0]
+    steps = sorted(t for row in rows for t in row["step_s_all"])
+    pooled = {**rows[0], "step_s_all": [t for row in rows for t in row["step_s_all"]],
+              "step_s_median": steps[len(steps) // 2], "repeat_medians": [row["step_s_median"] for row in rows],
+              "peak_memory_gib": max(row["peak_memory_gib"] for row in rows)}
+    pooled["tokens_per_s"] = rows[0]["tokens_per_s"] * rows[0]["step_s_median"] / pooled["step_s_median"]
+    return pooled
+
+
 def merge(paths: list[str], result_path: str) -> None:
+    """Write the runs of ``paths`` (repeats of one label pooled) and each one's ratios against its dense run."""
     from bench.common import write_result
 
-    runs = {}
+    repeats: dict[str, list[dict]] = {}
     for path in paths:
         with open(path) as f:
             row = json.load(f)
-        runs[_label(row)] = row
-    env = next(row["environment"] for row in runs.values() if "environment" in row)
+        repeats.setdefault(_label(row), []).append(row)
+    env = next(row["environment"] for rows in repeats.values() for row in rows if "environment" in row)
+    runs = {label: _pool(rows) for label, rows in repeats.items()}
     for row in runs.values():
         row.pop("environment", None)
     ratios = {}
@@ -152,8 +169,9 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--grad_ckpt", action="store_true",
                         help="activation checkpointing (HF gradient_checkpointing_enable); compared with dense run the same way")
-    parser.add_argument("--fusion", choices=["on", "off"], default="on",
-                        help="the fused RMSNorm/SwiGLU/RoPE kernels (config section 'fusion'), dense and sparse alike")
+    parser.add_argument("--fusion", choices=["on", "off", "no-rope"], default="on",
+                        help="the fused RMSNorm/SwiGLU/RoPE kernels (config section 'fusion'), dense and sparse "
+                             "alike; no-rope: RMSNorm and SwiGLU only")
     parser.add_argument("--autograd_threads", action="store_true",
                         help="run backward on autograd's device thread (torch's default; config 'autograd')")
     parser.add_argument("--warmup", type=int, default=5)

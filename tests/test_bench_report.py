@@ -20,3 +20,28 @@ def test_step_profile_chart_draws(tmp_path):
     path = shutil.copy(src, tmp_path / "engine_x_profile.json")
     out = plot_profile(str(path))
     assert out.endswith(".png") and os.path.getsize(out) > 10_000
+
+
+def test_step_merge_pools_repeats_of_a_label(tmp_path):
+    """Repeats of one configuration pool into one row: the median over all their steps."""
+    import json
+
+    from bench.step import merge
+
+    def row(mode, times, peak):
+        return {"mode": mode, "fused": True, "fused_blocks": {"rope": 22}, "autograd_multithreading": False,
+                "gpus": 1, "step_s_all": times, "step_s_median": sorted(times)[len(times) // 2],
+                "tokens_per_s": 1000 / sorted(times)[len(times) // 2], "peak_memory_gib": peak,
+                "environment": {"gpu": "test"}}
+
+    paths = []
+    for i, r in enumerate([row("dense", [3, 3, 3], 10), row("dense", [1, 1, 1], 12), row("sparse", [2, 2, 2], 9)]):
+        paths.append(str(tmp_path / f"{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(r, f)
+    merge(paths, str(tmp_path / "merged.json"))
+    merged = json.load(open(tmp_path / "merged.json"))
+    dense = merged["runs"]["dense"]
+    assert dense["step_s_median"] == 3 and dense["repeat_medians"] == [3, 1] and dense["peak_memory_gib"] == 12
+    assert len(dense["step_s_all"]) == 6 and dense["tokens_per_s"] == 1000 / 3
+    assert merged["vs_dense"]["sparse"] == {"speedup": 1.5, "memory_ratio": 0.75}
