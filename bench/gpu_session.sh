@@ -10,6 +10,7 @@
 #   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse; also with torch's threaded backward, and
 #                that without the fused RMSNorm/SwiGLU (HF's modules, torch's defaults)
 #   repeats      dense and dsparse (the defaults) interleaved, 3 runs of 30 steps each, pooled, GPU clocks logged
+#   overlap      the llama-1b step of 'step' without ZeRO's overlap_comm (it synchronizes the GPU at each bucket flush)
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
 #   profile      the llama-1b step of 'step', dense and dsparse, under torch.profiler: GPU time by kernel category
 #   profile-more the same with torch's threaded backward, and that without the fused RMSNorm/SwiGLU
@@ -68,6 +69,9 @@ for part in "$@"; do
                     step 1 llama-1b repeats/${m}_$i --mode $m --steps 30; done; done
                   kill $clocks
                   merge bench/results/engine_${gpu}_repeats.json $runs/llama-1b_repeats/*.json ;;
+    overlap)      step 1 llama-1b dense_no_overlap --mode dense --overlap_comm off
+                  step 1 llama-1b sparse_no_overlap --mode sparse --overlap_comm off
+                  merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
     step-more)    step 1 llama-1b dense_gc --mode dense --grad_ckpt; step 1 llama-1b sparse_gc --mode sparse --grad_ckpt
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json
                   step 1 llama-7b dense --mode dense --layers 4 --micro_batch_size 4

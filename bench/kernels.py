@@ -210,7 +210,8 @@ def bench_fused(tokens: int, hidden: int, inter: int, dtype, device, timer) -> d
     torch.testing.assert_close(_SiluMulFunction.apply(g, u), torch.nn.functional.silu(g) * u, rtol=2e-2, atol=2e-2)
     heads, batch = hidden // 64, 8
     q = torch.randn(batch, tokens // batch, heads, 64, generator=gen, device=device).to(dtype).transpose(1, 2)
-    k = torch.randn(batch, tokens // batch, max(1, heads // 8), 64, generator=gen, device=device).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, tokens // batch, max(1, heads // 8), 64, generator=gen, device=device)
+    k = k.to(dtype).transpose(1, 2)
     q.requires_grad_(True), k.requires_grad_(True)
     angles = torch.rand(1, tokens // batch, 32, generator=gen, device=device) * 1000
     cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype) for f in (torch.cos, torch.sin))

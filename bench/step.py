@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> None:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "bf16": {"enabled": True},
-        "zero_optimization": {"stage": args.zero, "overlap_comm": True, "contiguous_gradients": True,
+        "zero_optimization": {"stage": args.zero, "overlap_comm": args.overlap_comm == "on",
+                              "contiguous_gradients": True,
                               "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1, "torch_adam": True,
                                                   "fused": True}},
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> None:
         profile = kernel_breakdown(prof, args.profile)
     tokens = args.micro_batch_size * args.seq_len * dist.get_world_size()
     result = {"mode": args.mode, "grad_ckpt": args.grad_ckpt, "fused": args.fusion != "off",
-              "fused_blocks": dsparse.fused_counts(engine.module),
+              "fused_blocks": dsparse.fused_counts(engine.module), "overlap_comm": args.overlap_comm == "on",
               "autograd_multithreading": args.autograd_threads, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,  # in step order
@@ -112,12 +113,13 @@ def _label(row: dict) -> str:
     """A run's name in the merged result: its mode, ``+grad_ckpt`` when activations were recomputed,
     ``+unfused`` without the fused RMSNorm/SwiGLU/RoPE kernels, ``+no-rope`` with RMSNorm/SwiGLU only
     (every fused run from before RoPE was), ``+threaded`` with backward on autograd's device thread
-    (torch's default, and every run from before the flag), ``xN`` GPUs."""
+    (torch's default, and every run from before the flag), ``+no-overlap`` without ZeRO's overlap_comm,
+    ``xN`` GPUs."""
     threaded = row.get("autograd_multithreading", True)
     fused = row.get("fused", False)
     return (row["mode"] + ("+grad_ckpt" if row.get("grad_ckpt") else "")
             + ("+unfused" if not fused else "+no-rope" if not row.get("fused_blocks", {}).get("rope") else "")
-            + ("+threaded" if threaded else "")
+            + ("+threaded" if threaded else "") + ("+no-overlap" if row.get("overlap_comm") is False else "")
             + (f"x{row['gpus']}" if row["gpus"] > 1 else ""))
 
 
@@ -172,6 +174,9 @@ def main() -> None:
     parser.add_argument("--fusion", choices=["on", "off", "no-rope"], default="on",
                         help="the fused RMSNorm/SwiGLU/RoPE kernels (config section 'fusion'), dense and sparse "
                              "alike; no-rope: RMSNorm and SwiGLU only")
+    parser.add_argument("--overlap_comm", choices=["on", "off"], default="on",
+                        help="ZeRO's overlap_comm (on CUDA, DeepSpeed 0.19.8 synchronizes the device at every "
+                             "gradient-bucket flush with it on)")
     parser.add_argument("--autograd_threads", action="store_true",
                         help="run backward on autograd's device thread (torch's default; config 'autograd')")
     parser.add_argument("--warmup", type=int, default=5)

@@ -81,7 +81,8 @@ def _check(what: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     b, _, s, d = x.shape
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 3 or t.shape[0] not in (1, b) or tuple(t.shape[1:]) != (s, d):
-            raise ValueError(f"{what}: {name} must be ({b} or 1, {s}, {d}) for x {tuple(x.shape)}, got {tuple(t.shape)}")
+            raise ValueError(f"{what}: {name} must be ({b} or 1, {s}, {d}) for x {tuple(x.shape)}, "
+                             f"got {tuple(t.shape)}")
     check_same_device(what, x, cos=cos, sin=sin)
 
 

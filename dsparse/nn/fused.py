@@ -96,7 +96,8 @@ def _rotary_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     head_dim) queries/keys, (b or 1, seq, head_dim) tables of their dtype, at least ``min_rows`` positions."""
     b, _, s, d = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     return (unsqueeze_dim == 1 and k.dim() == 4 and b * s >= max(min_rows, 1) and d % 2 == 0
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.dtype == k.dtype == cos.dtype == sin.dtype
             and (k.shape[0], k.shape[2], k.shape[3]) == (b, s, d) and cos.shape == sin.shape
             and cos.dim() == 3 and cos.shape[0] in (1, b) and tuple(cos.shape[1:]) == (s, d)
             and not (cos.requires_grad or sin.requires_grad) and all(t.stride(-1) == 1 for t in (q, k, cos, sin)))

@@ -23,7 +23,8 @@ def _assert_matches(got, want, x, cos, sin, device):
         assert torch.equal(got, want)
     else:  # the interpreter's fp32 -> bf16 cast truncates: up to 1 ulp of each product and of their sum
         x1, x2 = x.float().chunk(2, dim=-1)
-        terms = (x.float() * cos.float().unsqueeze(1)).abs() + (torch.cat((x2, x1), -1) * sin.float().unsqueeze(1)).abs()
+        terms = ((x.float() * cos.float().unsqueeze(1)).abs()
+                 + (torch.cat((x2, x1), -1) * sin.float().unsqueeze(1)).abs())
         assert bool(((got.float() - want.float()).abs() <= 2 * 2.0**-7 * terms).all())
 
 
