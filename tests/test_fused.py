@@ -157,3 +157,24 @@ def test_fused_model_generates_what_hf_generates():
     ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(7))
     outs = [m.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0) for m in (hf, fused)]
     assert torch.equal(outs[1], outs[0])
+
+
+def test_fused_rotary_keeps_hf_signature():
+    """Positional or keyword unsqueeze_dim run the kernel; the (b, s, heads, d) layout falls back to HF's code."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from dsparse.nn.fused import _fused_rotary
+
+    fused = _fused_rotary(apply_rotary_pos_emb, min_rows=0)
+    gen = torch.Generator().manual_seed(8)
+    q, k = torch.randn(2, 3, 5, 8, generator=gen), torch.randn(2, 1, 5, 8, generator=gen)
+    angles = torch.randn(1, 5, 4, generator=gen)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    for args, kwargs, launches in (((), {}, 2), ((1,), {}, 2), ((), {"unsqueeze_dim": 1}, 2),
+                                   ((), {"unsqueeze_dim": 2}, 0)):
+        qq, kk = (q, k) if launches else (q.transpose(1, 2), k.transpose(1, 2))
+        with capture_launches() as calls:
+            fused(qq, kk, cos, sin, *args, **kwargs)
+        assert len(calls) == launches
+        want = apply_rotary_pos_emb(qq, kk, cos, sin, *args, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(fused(qq, kk, cos, sin, *args, **kwargs), want))

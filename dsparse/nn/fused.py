@@ -10,8 +10,9 @@ The swap keeps every parameter object and every state-dict key, so it works befo
 :func:`dsparse.sparsify`, and checkpoints load either way. Dense and sparse models fuse alike.
 
 Below ``min_rows`` rows (default :data:`MIN_FUSED_ROWS`; decoding a few tokens at a time) each
-module runs HF's torch code instead: there a Triton launch costs more host time than the GPU work it saves (llama-1b,
-batch 8 on an H100: 282 → 324 ms for 16 new tokens with the kernels, ``bench/results/infer_h100*.json``).
+module runs HF's torch code instead: there a Triton launch costs more host time than the GPU
+work it saves (llama-1b, batch 8 on an H100: sparse decode went from 0.52x to 0.75x of dense
+with this fallback, ``bench/results/infer_h100_fused*.json``).
 """
 from __future__ import annotations
 
@@ -107,10 +108,12 @@ def _fused_rotary(hf_apply: Callable, min_rows: int) -> Callable:
     """HF's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``: the rope kernels where they
     apply (the results are bit-identical), ``hf_apply`` itself otherwise."""
 
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if _rotary_applies(q, k, cos, sin, unsqueeze_dim, min_rows):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        hf_signature = len(args) + len(kwargs) <= 1 and set(kwargs) <= {"unsqueeze_dim"}
+        unsqueeze_dim = args[0] if args else kwargs.get("unsqueeze_dim", 1)
+        if hf_signature and _rotary_applies(q, k, cos, sin, unsqueeze_dim, min_rows):
             return _RotaryFunction.apply(q, k, cos, sin)
-        return hf_apply(q, k, cos, sin, unsqueeze_dim)
+        return hf_apply(q, k, cos, sin, *args, **kwargs)
 
     return apply_rotary_pos_emb
 
