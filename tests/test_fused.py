@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from dsparse import FusionConfig, SparsityConfig, fuse_model, sparse_modules, sparsify
+from dsparse import FusionConfig, SparsityConfig, fuse_model, fused_counts, sparse_modules, sparsify
 from dsparse.config import AutogradConfig
 from dsparse.nn import FusedGatedMLP, FusedRMSNorm
 from kernels._triton import capture_launches
@@ -51,6 +51,7 @@ def test_fused_llama_matches_hf_forward_and_backward(device):
     assert counts == {"rms_norm": 5, "swiglu": 2, "rope": 2}  # 2 norms per block and the final one; per block
     # one MLP and one attention
     assert isinstance(fused.model.norm, FusedRMSNorm) and isinstance(fused.model.layers[0].mlp, FusedGatedMLP)
+    assert fused_counts(fused) == counts and set(fused_counts(hf).values()) == {0}
     assert list(fused.state_dict()) == list(hf.state_dict())
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
     losses = [m(input_ids=ids, labels=ids).loss for m in (hf, fused)]

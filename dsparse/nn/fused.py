@@ -121,7 +121,8 @@ def _fused_rotary(hf_apply: Callable, min_rows: int) -> Callable:
 def _fuse_rotary(attn: nn.Module, min_rows: int) -> bool:
     """Run ``attn``'s own forward code with its module's ``apply_rotary_pos_emb`` replaced by the fused
     one, for this instance only: HF's forward calls that module-level function by name, and a copy
-    of the function with other globals changes nothing else (other models, other instances)."""
+    of the function with other globals changes nothing else (other models, other instances). An
+    instance that already has its own forward (e.g. accelerate's hooks) is left alone."""
     forward = type(attn).forward
     hf_apply = forward.__globals__.get("apply_rotary_pos_emb")
     if "forward" in vars(attn) or hf_apply is None or "apply_rotary_pos_emb" not in forward.__code__.co_names:
@@ -129,6 +130,7 @@ def _fuse_rotary(attn: nn.Module, min_rows: int) -> bool:
     scope = {**forward.__globals__, "apply_rotary_pos_emb": _fused_rotary(hf_apply, min_rows)}
     fused = types.FunctionType(forward.__code__, scope, forward.__name__, forward.__defaults__, forward.__closure__)
     fused.__kwdefaults__ = forward.__kwdefaults__
+    fused.fused_rope = True  # what fused_counts looks for
     attn.forward = types.MethodType(fused, attn)
     return True
 
@@ -211,4 +213,4 @@ def fused_counts(model: nn.Module) -> dict[str, int]:
     modules = list(model.modules())
     return {"rms_norm": sum(isinstance(m, FusedRMSNorm) for m in modules),
             "swiglu": sum(isinstance(m, FusedGatedMLP) for m in modules),
-            "rope": sum(type(m).__name__ in ROTARY_ATTENTION_CLASSES and "forward" in vars(m) for m in modules)}
+            "rope": sum(getattr(vars(m).get("forward"), "fused_rope", False) for m in modules)}
