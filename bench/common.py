@@ -101,4 +101,31 @@ def kernel_breakdown(prof: Any, steps: int, top: int = 25) -> dict[str, Any]:
     return {"gpu_busy_ms": sum(categories.values()),
             "by_category_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
             "top_kernels": [{"name": e.key[:120], "ms": e.self_device_time_total / 1e3 / steps,
-                             "calls": e.count / steps} for e in ranked]}
+                             "calls": e.count / steps} for e in ranked],
+            **idle_gaps([(e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+                         if e.device_type() == DeviceType.CUDA and e.duration_ns() > 0], steps)}
+
+
+def idle_gaps(spans: list[tuple[int, int, str]], steps: int, top: int = 12, min_us: float = 5.0) -> dict[str, Any]:
+    """Where the GPU sits idle between the first and last of ``spans`` (start ns, end ns, kernel name):
+    the idle milliseconds per step, and the gaps of at least ``min_us`` grouped by the kernel that ends
+    before them and the one that starts after (all streams merged, so overlapping kernels count once)."""
+    spans = sorted(spans)
+    if not spans:
+        return {}
+    idle_ns, groups = 0, {}
+    _, last_end, last_name = spans[0]
+    for start, end, name in spans[1:]:
+        if start > last_end:
+            gap = start - last_end
+            idle_ns += gap
+            if gap >= min_us * 1e3:
+                key = (last_name[:80], name[:80])
+                total, count = groups.get(key, (0, 0))
+                groups[key] = (total + gap, count + 1)
+        if end > last_end:
+            last_end, last_name = end, name
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"span_ms": (last_end - spans[0][0]) / 1e6 / steps, "idle_ms": idle_ns / 1e6 / steps,
+            "idle_gaps": [{"after": a, "before": b, "ms": t / 1e6 / steps, "count": c / steps}
+                          for (a, b), (t, c) in ranked]}

@@ -14,6 +14,7 @@
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
 #   profile      the llama-1b step of 'step', dense and dsparse, under torch.profiler: GPU time by kernel category
 #   profile-more the same with torch's threaded backward, and that without the fused RMSNorm/SwiGLU
+#   profile-overlap  the same without ZeRO's overlap_comm: where the GPU idles, with and without its syncs
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
@@ -83,6 +84,8 @@ for part in "$@"; do
                   merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
     profile-more) for m in dense sparse; do profile $m _threaded --autograd_threads
                     profile $m _unfused_threaded --fusion off --autograd_threads; done
+                  merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
+    profile-overlap) for m in dense sparse; do profile $m _no_overlap --overlap_comm off; done
                   merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
     memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt

@@ -101,11 +101,13 @@ def profile_table() -> list[str]:
         lines += [f"**Where a step's GPU time goes** (`{name}`{chart}; {first['model']}, {first['micro_batch_size']}x"
                   f"{first['seq_len']} tokens, ZeRO-{first['zero_stage']} bf16; "
                   f"{_env(data.get('measured_environment') or data['environment'])}): ms per step, torch.profiler", "",
-                  "| run | step (wall) | GPU busy | " + " | ".join(order) + " |", "|---" * (len(order) + 3) + "|"]
+                  "| run | step (wall) | GPU busy | GPU idle | " + " | ".join(order) + " |",
+                  "|---" * (len(order) + 4) + "|"]
         for label, run in runs.items():
             prof = run["gpu_profile"]
             cells = [f"{prof['by_category_ms'].get(c, 0.0):.1f}" for c in order]
-            lines.append(f"| {label} | {run['step_s_median'] * 1e3:.0f} | {prof['gpu_busy_ms']:.0f} | "
+            idle = f"{prof['idle_ms']:.0f}" if "idle_ms" in prof else "-"  # runs from before gaps were recorded
+            lines.append(f"| {label} | {run['step_s_median'] * 1e3:.0f} | {prof['gpu_busy_ms']:.0f} | {idle} | "
                          + " | ".join(cells) + " |")
         lines.append("")
     return lines

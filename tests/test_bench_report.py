@@ -45,3 +45,21 @@ def test_step_merge_pools_repeats_of_a_label(tmp_path):
     assert dense["step_s_median"] == 3 and dense["repeat_medians"] == [3, 1] and dense["peak_memory_gib"] == 12
     assert len(dense["step_s_all"]) == 6 and dense["tokens_per_s"] == 1000 / 3
     assert merged["vs_dense"]["sparse"] == {"speedup": 1.5, "memory_ratio": 0.75}
+
+
+def test_idle_gaps_merge_streams_and_group_gaps_by_neighbours():
+    """Kernels overlapping on two streams count once; each gap is charged to the kernels around it."""
+    from bench.common import idle_gaps
+
+    us = 1000
+    spans = [(0, 100 * us, "gemm"), (50 * us, 120 * us, "allreduce"),  # overlap: no gap
+             (150 * us, 200 * us, "norm"),  # 30 us after allreduce, which ended last
+             (210 * us, 260 * us, "gemm"), (262 * us, 300 * us, "norm"),  # 10 us, then 2 us (below min_us)
+             (400 * us, 420 * us, "norm")]  # 100 us after norm
+    out = idle_gaps(spans, steps=2, min_us=5)
+    assert out["span_ms"] == 420 / 1000 / 2
+    assert out["idle_ms"] == (30 + 10 + 2 + 100) / 1000 / 2
+    gaps = {(g["after"], g["before"]): (g["ms"], g["count"]) for g in out["idle_gaps"]}
+    assert gaps == {("norm", "norm"): (0.05, 0.5), ("allreduce", "norm"): (0.015, 0.5), ("norm", "gemm"): (0.005, 0.5)}
+    assert [g["after"] for g in out["idle_gaps"]] == ["norm", "allreduce", "norm"]  # largest first
+    assert idle_gaps([], steps=1) == {}
