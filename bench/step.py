@@ -23,6 +23,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# caching-allocator counters over the timed steps: cudaMalloc/cudaFree calls and device-wide syncs
+# stall the host, and with it the GPU
+ALLOCATOR_EVENTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
 def run(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
@@ -61,10 +66,14 @@ def run(args: argparse.Namespace) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=device).manual_seed(dist.get_rank())
 
-    def step() -> float:
+    def step(marks: list[float] | None = None) -> float:
         ids = torch.randint(0, args.vocab, (args.micro_batch_size, args.seq_len), device=device, generator=gen)
         loss = engine(input_ids=ids, labels=ids).loss
+        if marks is not None:
+            marks.append(time.perf_counter())
         engine.backward(loss)
+        if marks is not None:
+            marks.append(time.perf_counter())
         engine.step()
         return loss
 
@@ -72,13 +81,24 @@ def run(args: argparse.Namespace) -> None:
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    alloc_before = torch.cuda.memory_stats()
+    times, host = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
+        marks = [time.perf_counter()]
+        step(marks)
+        marks.append(time.perf_counter())
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        marks.append(time.perf_counter())
+        times.append(marks[-1] - marks[0])
+        host.append([b - a for a, b in zip(marks, marks[1:])])
     step_s = sorted(times)[len(times) // 2]
+    # the host's time to issue each phase (no syncs in between), and its wait for the GPU at the end:
+    # a wait near zero means the GPU, not the host, was the one waiting
+    host_ms = {phase: 1e3 * sorted(row[i] for row in host)[len(host) // 2]
+               for i, phase in enumerate(("forward", "backward", "step", "wait_for_gpu"))}
+    alloc_after = torch.cuda.memory_stats()
+    allocator = {key: alloc_after.get(key, 0) - alloc_before.get(key, 0) for key in ALLOCATOR_EVENTS}
+    allocator["reserved_peak_gib"] = alloc_after.get("reserved_bytes.all.peak", 0) / 2**30
     profile = None
     if args.profile:  # after the timing: the profiler's own cost must not reach the step times
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -97,7 +117,8 @@ def run(args: argparse.Namespace) -> None:
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,  # in step order
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "memory_report": dsparse.memory_report(engine),
+              "memory_report": dsparse.memory_report(engine), "allocator_events": allocator,
+              "host_issue_ms": host_ms,
               "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     if profile is not None:
         result["gpu_profile"] = profile

@@ -7,7 +7,8 @@ One training step, as a user's loop drives it::
     engine.backward(loss)         # dX = dY W̃ (double-pruned transpose); the kept-entry dW lands in
                                   # values.grad, which DeepSpeed reduces (half the bytes of dense);
                                   # run on this thread, not autograd's device thread ("autograd")
-    engine.step()                 # DeepSpeed: ZeRO step, clipping, loss scale, LR schedule; then, if the
+    engine.step()                 # DeepSpeed: ZeRO step, clipping, loss scale, LR schedule (ZeRO-1/2's
+                                  # inf/NaN check and gradient norm fused: zero_checks); then, if the
                                   # step was applied, SparseTraining.after_step: the W̃ᵀ masks follow
                                   # their schedule (checked across ranks), the operands are marked stale,
                                   # and the phase advances (end of dense warm-up, lazy adapters)
@@ -35,8 +36,10 @@ from . import checkpoint as ckpt
 from .config import AutogradConfig, FusionConfig, SparsityConfig
 from .distributed import broadcast_masks, check_mask_agreement
 from .nn import fuse_model, sparse_modules, sparsify
+from .nn.sparse_linear import store_steps
 from .optim_state import restart_group
 from .schedule import Schedule
+from .zero_checks import fuse_zero_checks
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +164,8 @@ class SparseTraining:
         changed = []
         for layer in self.layers:  # one layer gathered at a time under ZeRO-3, only when its mask changes
             with self._gathered([layer._param] if layer.mask_change_due() else []):
-                changed.append(layer.on_optimizer_step())
+                changed.append(layer.on_optimizer_step(store_step=False))
+        store_steps(self.layers)
         if any(changed) and self.config.check_masks:
             check_mask_agreement(self.layers, self.step)
         self._enter_phase(engine)
@@ -319,6 +323,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=params, training_data=training_data,
         lr_scheduler=lr_scheduler, config=ds_config, **kwargs)
+    fuse_zero_checks(engine.optimizer)
     engine.__class__ = _sparse_engine_class(type(engine))
     engine.sparsity = state
     engine.autograd_config = autograd_config

@@ -146,6 +146,23 @@ def test_non_finite_gradients_skip_the_step_for_dense_and_sparse_alike(runs, sta
     assert result["next"][0]["applied"] and result["next"][0]["mask_step"] == 3
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fused_zero_checks_match_deepspeeds_loops(runs, stage):
+    """The fused inf/NaN check and L2 norm (dsparse.zero_checks) give DeepSpeed's answers, per rank's
+    partition: a clean backward, then one inf entry, which both flag and which skips the step."""
+    result = runs["overflow"][f"stage{stage}"]["fused_checks"]
+    assert result["optimizer"] == "FusedChecksZeroOptimizer"
+    assert max(deepspeed for _, deepspeed in result["norms"]) > 0  # (the idle adapters' group has none)
+    for fused, deepspeed in result["norms"]:
+        assert abs(fused - deepspeed) <= 1e-5 * deepspeed
+    assert result["overflow_clean"] == [[0.0, 0.0]]
+    assert result["overflow_inf"] == [[1.0, 1.0]]
+    assert [-1.0, -1.0] in result["norms_inf"]  # DeepSpeed's inf marker, in the inf's group
+    for fused, deepspeed in result["norms_inf"]:
+        assert abs(fused - deepspeed) <= 1e-5 * abs(deepspeed)
+    assert result["skipped"] == 1
+
+
 def test_checkpoint_of_another_sparsity_config_is_refused(runs):
     error = runs["mismatch"]["error"]
     assert error and "another sparsity configuration" in error

@@ -144,6 +144,24 @@ def test_optimizer_step_is_picked_up_without_extra_call():
     assert layer.step == 1 and int(layer.mask_step) == 1
 
 
+def test_step_counts_stored_for_many_layers_at_once():
+    """The engine's batched write of mask_step (store_steps) leaves each buffer at its layer's step."""
+    from dsparse.nn.sparse_linear import store_steps
+
+    layers = [SparseLinear(16, 16) for _ in range(3)]
+    for layer, steps in zip(layers, (2, 2, 5)):
+        for _ in range(steps):
+            layer.on_optimizer_step(store_step=False)
+    assert [int(layer.mask_step) for layer in layers] == [0, 0, 0]
+    store_steps(layers)
+    assert [int(layer.mask_step) for layer in layers] == [2, 2, 5]
+    copies = [copy.deepcopy(layer) for layer in layers]
+    for layer, restored in zip(layers, copies):
+        restored._host_step = -1
+        restored.load_state_dict(layer.state_dict())
+        assert restored.step == layer.step
+
+
 def test_operands_rebuilt_once_per_step_not_per_micro_batch():
     layer = SparseLinear(16, 16)
     calls = []

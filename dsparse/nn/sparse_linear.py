@@ -68,6 +68,18 @@ class _SparseLinearFunction(torch.autograd.Function):
         return dx, dparam, dbias, None
 
 
+@torch.no_grad()
+def store_steps(layers: list["SparseLinear"]) -> None:
+    """Write each layer's step count into its ``mask_step`` buffer: two multi-tensor launches per
+    distinct count and device, where a fill per layer would leave the GPU waiting on ~150 launches."""
+    buffers: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
+    for layer in layers:
+        buffers.setdefault((layer.step, layer.mask_step.device), []).append(layer.mask_step)
+    for (step, _), group in buffers.items():
+        torch._foreach_mul_(group, 0)
+        torch._foreach_add_(group, step)
+
+
 class SparseLinear(nn.Module):
     """``Y = X (M⊙W)ᵀ + b`` with an N:M-sparse ``W`` stored as its kept values (SLoPe).
 
@@ -289,15 +301,19 @@ class SparseLinear(nn.Module):
         return freq > 0 and self._host_step % freq == freq - 1 and not self.dense_mode
 
     @torch.no_grad()
-    def on_optimizer_step(self) -> bool:
-        """Advance the mask schedule by one applied optimizer step; True when ``W̃ᵀ``'s mask was re-chosen."""
+    def on_optimizer_step(self, store_step: bool = True) -> bool:
+        """Advance the mask schedule by one applied optimizer step; True when ``W̃ᵀ``'s mask was re-chosen.
+
+        ``store_step=False`` leaves the ``mask_step`` buffer to the caller (:func:`store_steps`
+        writes many layers' at once)."""
         changed = self.mask_change_due()
         if changed:
             self.update_transpose_mask()
         self.mark_values_changed()
         self._host_step += 1
         self._mvue_calls = 0
-        self.mask_step.fill_(self._host_step)
+        if store_step:
+            self.mask_step.fill_(self._host_step)
         return changed
 
     @torch.no_grad()

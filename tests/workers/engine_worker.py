@@ -226,6 +226,36 @@ def scenario_overflow(args) -> dict:
                                 "lr_unchanged": engine.get_lr()[0] == lr_before,
                                 "skipped_steps": engine.skipped_steps,
                                 "next": train(engine, 3, 4)}
+        if stage in (1, 2):
+            out[f"stage{stage}"]["fused_checks"] = fused_checks(engine)
+    return out
+
+
+def fused_checks(engine) -> dict:
+    """ZeRO-1/2's fused inf/NaN check and gradient norm against DeepSpeed's own loops on one backward's
+    gradients, before and after one entry of one gradient becomes inf; then the step (skipped)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    ids = batch(9, engine.train_micro_batch_size_per_gpu(), 0, 1)
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    groups = range(len(opt.bit16_groups))
+
+    def both(method: str, *group_args) -> list:
+        return [[float(getattr(cls, method)(opt, *a)) for cls in (type(opt), DeepSpeedZeroOptimizer)]
+                for a in (group_args or [()])]
+
+    norm_args = [(opt.averaged_gradients[i], opt.params_in_partition[i]) for i in groups]
+    out = {"optimizer": type(opt).__name__, "norms": both("get_grad_norm_direct", *norm_args),
+           "overflow_clean": both("has_overflow_partitioned_grads_serial")}
+    grad = next(g for i in groups for g in opt.averaged_gradients[i] if g is not None and g.numel() > 1)
+    with torch.no_grad():
+        grad.view(-1)[1] = float("inf")
+    out.update(overflow_inf=both("has_overflow_partitioned_grads_serial"),
+               norms_inf=both("get_grad_norm_direct", *norm_args))
+    skipped = engine.skipped_steps
+    engine.step()
+    out["skipped"] = engine.skipped_steps - skipped
     return out
 
 
