@@ -9,10 +9,12 @@
 #   fp8          FP8 (e4m3) 2:4 products vs bf16 and dense FP8
 #   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse; also with torch's threaded backward, and
 #                that without the fused RMSNorm/SwiGLU (HF's modules, torch's defaults)
-#   repeats      dense and dsparse (the defaults) interleaved, 3 runs of 30 steps each, pooled, GPU clocks logged
+#   repeats      dense and dsparse (the defaults) interleaved, $REPEATS (3) runs of 30 steps each, pooled, clocks logged
+#                (replaces earlier repeats: a pooled result comes from one machine)
 #   overlap      the llama-1b step of 'step' without ZeRO's overlap_comm (it synchronizes the GPU at each bucket flush)
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
 #   profile      the llama-1b step of 'step', dense and dsparse, under torch.profiler: GPU time by kernel category
+#                and GPU idle time (replaces earlier profiles; profile-more and profile-overlap add to it)
 #   profile-more the same with torch's threaded backward, and that without the fused RMSNorm/SwiGLU
 #   profile-overlap  the same without ZeRO's overlap_comm: where the GPU idles, with and without its syncs
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
@@ -63,10 +65,10 @@ for part in "$@"; do
                   step 1 llama-1b dense_unfused_threaded --mode dense --fusion off --autograd_threads
                   step 1 llama-1b sparse_unfused_threaded --mode sparse --fusion off --autograd_threads
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
-    repeats)      mkdir -p $runs/llama-1b_repeats bench/results/clocks
+    repeats)      mkdir -p $runs/llama-1b_repeats bench/results/clocks; rm -f $runs/llama-1b_repeats/*.json
                   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
                     --format=csv -lms 250 > bench/results/clocks/step_${gpu}_repeats_clocks.csv & clocks=$!
-                  for i in 1 2 3; do for m in dense sparse; do
+                  for i in $(seq "${REPEATS:-3}"); do for m in dense sparse; do
                     step 1 llama-1b repeats/${m}_$i --mode $m --steps 30; done; done
                   kill $clocks
                   merge bench/results/engine_${gpu}_repeats.json $runs/llama-1b_repeats/*.json ;;
@@ -80,7 +82,7 @@ for part in "$@"; do
                   merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_*.json
                   step 1 llama-1b static --mode static
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
-    profile)      profile dense ""; profile sparse ""
+    profile)      rm -f $runs/profile/*.json; profile dense ""; profile sparse ""
                   merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
     profile-more) for m in dense sparse; do profile $m _threaded --autograd_threads
                     profile $m _unfused_threaded --fusion off --autograd_threads; done

@@ -100,7 +100,8 @@ def profile_table() -> list[str]:
         chart = f", chart `{png}`" if os.path.exists(os.path.join(ROOT, png)) else ""
         lines += [f"**Where a step's GPU time goes** (`{name}`{chart}; {first['model']}, {first['micro_batch_size']}x"
                   f"{first['seq_len']} tokens, ZeRO-{first['zero_stage']} bf16; "
-                  f"{_env(data.get('measured_environment') or data['environment'])}): ms per step, torch.profiler", "",
+                  f"{_env(data.get('measured_environment') or data['environment'])}): ms per step, torch.profiler",
+                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []), "",
                   "| run | step (wall) | GPU busy | GPU idle | " + " | ".join(order) + " |",
                   "|---" * (len(order) + 4) + "|"]
         for label, run in runs.items():

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,  # in step order
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
               "memory_report": dsparse.memory_report(engine), "allocator_events": allocator,
-              "host_issue_ms": host_ms,
+              "host_issue_ms": host_ms, "operand_refresh_replays": engine.sparsity.refresh_operands.replays,
               "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     if profile is not None:
         result["gpu_profile"] = profile

@@ -10,8 +10,9 @@ One training step, as a user's loop drives it::
     engine.step()                 # DeepSpeed: ZeRO step, clipping, loss scale, LR schedule (ZeRO-1/2's
                                   # inf/NaN check and gradient norm fused: zero_checks); then, if the
                                   # step was applied, SparseTraining.after_step: the W̃ᵀ masks follow
-                                  # their schedule (checked across ranks), the operands are marked stale,
-                                  # and the phase advances (end of dense warm-up, lazy adapters)
+                                  # their schedule (checked across ranks), the phase advances (end of
+                                  # dense warm-up, lazy adapters), and every layer's operands are
+                                  # refreshed from the new values (operand_refresh: one CUDA graph)
 
 Everything that trains is an ordinary parameter (kept values, dense weights, adapters), so
 ZeRO 0-3, fp32/fp16/bf16, gradient accumulation, clipping, LR schedules and checkpoints
@@ -36,6 +37,7 @@ from . import checkpoint as ckpt
 from .config import AutogradConfig, FusionConfig, SparsityConfig
 from .distributed import broadcast_masks, check_mask_agreement
 from .nn import fuse_model, sparse_modules, sparsify
+from .nn.operand_refresh import OperandRefresh
 from .nn.sparse_linear import store_steps
 from .optim_state import restart_group
 from .schedule import Schedule
@@ -69,6 +71,7 @@ class SparseTraining:
         for name, layer in sparse_modules(model):
             self.names.append(name)
             self.layers.append(layer)
+        self.refresh_operands = OperandRefresh(self.layers)
         self.adapter_group: int | None = None
         self.group_settings: list[dict[str, Any]] = []  # each param group's hyperparameters at start
 
@@ -169,6 +172,7 @@ class SparseTraining:
         if any(changed) and self.config.check_masks:
             check_mask_agreement(self.layers, self.step)
         self._enter_phase(engine)
+        self.refresh_operands()  # all layers' GEMM operands now (one CUDA graph replay), not in the forward
 
     def _enter_phase(self, engine, restored: bool = False) -> None:
         """Bring the layers and optimizer in line with the current phase."""

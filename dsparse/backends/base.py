@@ -41,6 +41,15 @@ class Backend(abc.ABC):
         """Operands after the values changed but the masks did not (may update ``ops`` in place)."""
         return self.prepare(values, idx, keep_t, n, m, dx=dx)
 
+    def refreshes_in_place(self, ops: Any) -> bool:
+        """Whether :meth:`refresh` of ``ops`` only rewrites their memory (no allocation, same objects),
+        so that a CUDA graph can replay it."""
+        return False
+
+    def operand_addresses(self, ops: Any) -> tuple[int, ...]:
+        """The device addresses of ``ops``' tensors (what a captured refresh writes)."""
+        raise NotImplementedError(f"backend {self.name} does not refresh in place")
+
     def release_sources(self, ops: Any) -> Any:
         """Drop every reference ``ops`` holds to the training state (kept values, masks), so that
         state can be freed (inference); products then run from the compressed operands alone."""

@@ -177,6 +177,14 @@ class CusparseltBackend(Backend):
         ops.rebind(values, idx, keep_t)
         return ops
 
+    def refreshes_in_place(self, ops: CompressedOperands) -> bool:
+        """One Triton pass over both values regions, when no dense operand is in use."""
+        return (ops.dx == "sparse" and not ops.dense and ops.source is not None
+                and _inplace_layout_ok(ops.weight.dtype, ops.weight.device))
+
+    def operand_addresses(self, ops: CompressedOperands) -> tuple[int, ...]:
+        return ops.weight.data_ptr(), ops.weight_t.data_ptr()
+
     def release_sources(self, ops: CompressedOperands) -> CompressedOperands:
         ops.source = None
         ops.dense.clear()

@@ -217,25 +217,62 @@ class SparseLinear(nn.Module):
         """
         if self._inference is not None:
             return self._inference
-        param = self._param
-        mask_key = (self.keep_t.data_ptr(), self.keep_t._version, self.idx.data_ptr(), self.idx._version,
-                    param.dtype, param.device)
-        value_key = (param.data_ptr(), param._version, self._generation)
         cache = self._cache
-        if cache is not None and cache[0] == mask_key and cache[1] == value_key:
-            return cache[2], cache[3]
+        mask_key = self._mask_key()
+        if cache is not None and cache[0] == mask_key:
+            if cache[1] != self._value_key():
+                self._refresh_cached()
+            return self._cache[2], self._cache[3]
+        param = self._param
         with torch.no_grad():
-            values = self.kept_values().detach()
-            if cache is not None and cache[0] == mask_key:
-                backend, ops = cache[2], cache[2].refresh(cache[3], values, self.idx, self.keep_t, self.n, self.m,
-                                                          dx=self._dx_mode)
-            else:
-                backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m,
-                                          self.out_features, self.in_features,
-                                          layer=f"SparseLinear({self.in_features}, {self.out_features})")
-                ops = backend.prepare(values, self.idx, self.keep_t, self.n, self.m, dx=self._dx_mode)
-        self._cache = (mask_key, value_key, backend, ops) if self.cache_operands else None
+            backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m,
+                                      self.out_features, self.in_features,
+                                      layer=f"SparseLinear({self.in_features}, {self.out_features})")
+            ops = backend.prepare(self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m,
+                                  dx=self._dx_mode)
+        self._cache = (mask_key, self._value_key(), backend, ops) if self.cache_operands else None
         return backend, ops
+
+    def _mask_key(self) -> tuple:
+        param = self._param
+        return (self.keep_t.data_ptr(), self.keep_t._version, self.idx.data_ptr(), self.idx._version,
+                param.dtype, param.device)
+
+    def _value_key(self) -> tuple:
+        param = self._param
+        return (param.data_ptr(), param._version, self._generation)
+
+    @torch.no_grad()
+    def _refresh_cached(self) -> None:
+        """Rewrite the cached operands from the current values (masks unchanged) and mark them current."""
+        mask_key, value_key, backend, ops = self._cache
+        ops = backend.refresh(ops, self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m,
+                              dx=self._dx_mode)
+        self._cache = (mask_key, value_key, backend, ops)
+        self.mark_operands_current()
+
+    def mark_operands_current(self) -> None:
+        """Record that the cached operands match the current values (refreshed, e.g. by a graph replay)."""
+        mask_key, _, backend, ops = self._cache
+        self._cache = (mask_key, self._value_key(), backend, ops)
+
+    @property
+    def refreshes_operands(self) -> bool:
+        """Whether this layer keeps GEMM operands that follow its values (sparse training, cached)."""
+        return self.cache_operands and not self.dense_mode and self._inference is None
+
+    def refresh_operands(self) -> None:
+        """Bring the cached operands up to date now instead of in the next forward."""
+        if self.refreshes_operands:
+            self._operands()
+
+    def in_place_refresh_key(self) -> tuple | None:
+        """The addresses an in-place refresh of the cached operands reads and writes, or None when the
+        next refresh is not in place (no cache yet, a mask changed, or the backend reallocates)."""
+        cache = self._cache
+        if cache is None or cache[0] != self._mask_key() or not cache[2].refreshes_in_place(cache[3]):
+            return None
+        return (cache[0], self._param.data_ptr(), cache[2].operand_addresses(cache[3]))
 
     @property
     def _dx_mode(self) -> str:
