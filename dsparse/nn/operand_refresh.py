@@ -57,7 +57,7 @@ class OperandRefresh:
             graph.capture_begin(capture_error_mode="thread_local")
             try:
                 for layer in layers:
-                    layer._refresh_cached()
+                    layer.refresh_cached_operands()
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)

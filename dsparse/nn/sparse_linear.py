@@ -221,7 +221,7 @@ class SparseLinear(nn.Module):
         mask_key = self._mask_key()
         if cache is not None and cache[0] == mask_key:
             if cache[1] != self._value_key():
-                self._refresh_cached()
+                self.refresh_cached_operands()
             return self._cache[2], self._cache[3]
         param = self._param
         with torch.no_grad():
@@ -243,7 +243,7 @@ class SparseLinear(nn.Module):
         return (param.data_ptr(), param._version, self._generation)
 
     @torch.no_grad()
-    def _refresh_cached(self) -> None:
+    def refresh_cached_operands(self) -> None:
         """Rewrite the cached operands from the current values (masks unchanged) and mark them current."""
         mask_key, value_key, backend, ops = self._cache
         ops = backend.refresh(ops, self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m,
