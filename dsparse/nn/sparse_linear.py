@@ -245,11 +245,10 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def refresh_cached_operands(self) -> None:
         """Rewrite the cached operands from the current values (masks unchanged) and mark them current."""
-        mask_key, value_key, backend, ops = self._cache
+        mask_key, _, backend, ops = self._cache
         ops = backend.refresh(ops, self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m,
                               dx=self._dx_mode)
-        self._cache = (mask_key, value_key, backend, ops)
-        self.mark_operands_current()
+        self._cache = (mask_key, self._value_key(), backend, ops)
 
     def mark_operands_current(self) -> None:
         """Record that the cached operands match the current values (refreshed, e.g. by a graph replay)."""
@@ -268,9 +267,11 @@ class SparseLinear(nn.Module):
 
     def in_place_refresh_key(self) -> tuple | None:
         """The addresses an in-place refresh of the cached operands reads and writes, or None when the
-        next refresh is not in place (no cache yet, a mask changed, or the backend reallocates)."""
+        next refresh is not in place (no cache yet, a mask changed, a dense weight whose kept values
+        are gathered anew, or a backend that reallocates)."""
         cache = self._cache
-        if cache is None or cache[0] != self._mask_key() or not cache[2].refreshes_in_place(cache[3]):
+        if (cache is None or not self.compress or cache[0] != self._mask_key()
+                or not cache[2].refreshes_in_place(cache[3])):
             return None
         return (cache[0], self._param.data_ptr(), cache[2].operand_addresses(cache[3]))
 
