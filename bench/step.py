@@ -66,14 +66,16 @@ def run(args: argparse.Namespace) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=device).manual_seed(dist.get_rank())
 
-    def step(marks: list[float] | None = None) -> float:
+    def mark(marks: list[tuple[float, float]] | None) -> None:
+        if marks is not None:  # wall clock, and this thread's CPU time (less than wall: it waited)
+            marks.append((time.perf_counter(), time.thread_time()))
+
+    def step(marks: list[tuple[float, float]] | None = None) -> float:
         ids = torch.randint(0, args.vocab, (args.micro_batch_size, args.seq_len), device=device, generator=gen)
         loss = engine(input_ids=ids, labels=ids).loss
-        if marks is not None:
-            marks.append(time.perf_counter())
+        mark(marks)
         engine.backward(loss)
-        if marks is not None:
-            marks.append(time.perf_counter())
+        mark(marks)
         engine.step()
         return loss
 
@@ -82,20 +84,24 @@ def run(args: argparse.Namespace) -> None:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     alloc_before = torch.cuda.memory_stats()
-    times, host = [], []
+    times, host, host_cpu = [], [], []
     for _ in range(args.steps):
-        marks = [time.perf_counter()]
+        marks = []
+        mark(marks)
         step(marks)
-        marks.append(time.perf_counter())
+        mark(marks)
         torch.cuda.synchronize()
-        marks.append(time.perf_counter())
-        times.append(marks[-1] - marks[0])
-        host.append([b - a for a, b in zip(marks, marks[1:])])
+        mark(marks)
+        times.append(marks[-1][0] - marks[0][0])
+        host.append([b[0] - a[0] for a, b in zip(marks, marks[1:])])
+        host_cpu.append([b[1] - a[1] for a, b in zip(marks, marks[1:])])
     step_s = sorted(times)[len(times) // 2]
     # the host's time to issue each phase (no syncs in between), and its wait for the GPU at the end:
     # a wait near zero means the GPU, not the host, was the one waiting
-    host_ms = {phase: 1e3 * sorted(row[i] for row in host)[len(host) // 2]
-               for i, phase in enumerate(("forward", "backward", "step", "wait_for_gpu"))}
+    phases = ("forward", "backward", "step", "wait_for_gpu")
+    host_ms = {phase: 1e3 * sorted(row[i] for row in host)[len(host) // 2] for i, phase in enumerate(phases)}
+    host_steps = {f"{phase}_{kind}": [round(1e3 * row[i], 2) for row in rows]  # per step, in step order
+                  for kind, rows in (("ms", host), ("cpu_ms", host_cpu)) for i, phase in enumerate(phases[:3])}
     alloc_after = torch.cuda.memory_stats()
     allocator = {key: alloc_after.get(key, 0) - alloc_before.get(key, 0) for key in ALLOCATOR_EVENTS}
     allocator["reserved_peak_gib"] = alloc_after.get("reserved_bytes.all.peak", 0) / 2**30
@@ -118,7 +124,7 @@ def run(args: argparse.Namespace) -> None:
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,  # in step order
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
               "memory_report": dsparse.memory_report(engine), "allocator_events": allocator,
-              "host_issue_ms": host_ms, "operand_refresh_replays": engine.sparsity.refresh_operands.replays,
+              "host_issue_ms": host_ms, "host_issue_by_step": host_steps, "operand_refresh_replays": engine.sparsity.refresh_operands.replays,
               "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     if profile is not None:
         result["gpu_profile"] = profile
