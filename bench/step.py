@@ -84,7 +84,11 @@ def run(args: argparse.Namespace) -> None:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     alloc_before = torch.cuda.memory_stats()
-    times, host, host_cpu = [], [], []
+    # per step and phase, the host's wall and CPU milliseconds to issue it (no syncs in between), then
+    # its wait for the GPU: a wait near zero means the GPU, not the host, was the one waiting
+    phases = ("forward", "backward", "step", "wait_for_gpu")
+    host_steps: dict[str, list[float]] = {f"{phase}_{kind}": [] for phase in phases for kind in ("ms", "cpu_ms")}
+    times = []
     for _ in range(args.steps):
         marks = []
         mark(marks)
@@ -93,15 +97,11 @@ def run(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         mark(marks)
         times.append(marks[-1][0] - marks[0][0])
-        host.append([b[0] - a[0] for a, b in zip(marks, marks[1:])])
-        host_cpu.append([b[1] - a[1] for a, b in zip(marks, marks[1:])])
+        for phase, a, b in zip(phases, marks, marks[1:]):
+            host_steps[f"{phase}_ms"].append(round(1e3 * (b[0] - a[0]), 3))
+            host_steps[f"{phase}_cpu_ms"].append(round(1e3 * (b[1] - a[1]), 3))
     step_s = sorted(times)[len(times) // 2]
-    # the host's time to issue each phase (no syncs in between), and its wait for the GPU at the end:
-    # a wait near zero means the GPU, not the host, was the one waiting
-    phases = ("forward", "backward", "step", "wait_for_gpu")
-    host_ms = {phase: 1e3 * sorted(row[i] for row in host)[len(host) // 2] for i, phase in enumerate(phases)}
-    host_steps = {f"{phase}_{kind}": [round(1e3 * row[i], 2) for row in rows]  # per step, in step order
-                  for kind, rows in (("ms", host), ("cpu_ms", host_cpu)) for i, phase in enumerate(phases[:3])}
+    host_ms = {phase: sorted(host_steps[f"{phase}_ms"])[len(times) // 2] for phase in phases}
     alloc_after = torch.cuda.memory_stats()
     allocator = {key: alloc_after.get(key, 0) - alloc_before.get(key, 0) for key in ALLOCATOR_EVENTS}
     allocator["reserved_peak_gib"] = alloc_after.get("reserved_bytes.all.peak", 0) / 2**30
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> None:
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,  # in step order
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
               "memory_report": dsparse.memory_report(engine), "allocator_events": allocator,
-              "host_issue_ms": host_ms, "host_issue_by_step": host_steps, "operand_refresh_replays": engine.sparsity.refresh_operands.replays,
+              "host_issue_ms": host_ms, "host_issue_by_step": host_steps,
+              "operand_refresh_replays": engine.sparsity.refresh_operands.replays,
               "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     if profile is not None:
         result["gpu_profile"] = profile
