@@ -17,6 +17,8 @@
 #                and GPU idle time (replaces earlier profiles; profile-more and profile-overlap add to it)
 #   profile-more the same with torch's threaded backward, and that without the fused RMSNorm/SwiGLU
 #   profile-overlap  the same without ZeRO's overlap_comm: where the GPU idles, with and without its syncs
+#   mvue         dense, dsparse and dsparse with MVUE weight gradients (sparse dW GEMMs), llama-1b, 30 steps each,
+#                interleaved $REPEATS (1) times, pooled
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
@@ -89,6 +91,11 @@ for part in "$@"; do
                   merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
     profile-overlap) for m in dense sparse; do profile $m _no_overlap --overlap_comm off; done
                   merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
+    mvue)         mkdir -p $runs/llama-1b_mvue; rm -f $runs/llama-1b_mvue/*.json
+                  for i in $(seq "${REPEATS:-1}"); do
+                    for m in dense sparse; do step 1 llama-1b mvue/${m}_$i --mode $m --steps 30; done
+                    step 1 llama-1b mvue/sparse_mvue_$i --mode sparse --mvue_dw --steps 30; done
+                  merge bench/results/engine_${gpu}_mvue.json $runs/llama-1b_mvue/*.json ;;
     memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;

@@ -25,7 +25,6 @@ from bench.common import gpu_tag, write_result
 from bench.tune import DTYPES
 from dsparse import SparseLinear
 from dsparse.backends import plans
-from dsparse.backends.base import padded_tokens
 
 
 def host_and_gpu_us(fn: Callable[[], object], iters: int = 200) -> dict[str, float]:
@@ -130,10 +129,9 @@ def main() -> None:
     tokens = args.profile_tokens
     x_big = torch.randn(tokens, in_f, device="cuda", dtype=dtype, requires_grad=True)
     dy_big = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
-    rand = torch.rand(out_f, padded_tokens(tokens) // 2, device="cuda")
     result["gpu_kernels_sparse_step"] = _kernel_table(lambda: sparse_step(x_big, dy_big),
                                                       f"sparse step, {tokens} tokens")
-    result["gpu_kernels_mvue_dw"] = _kernel_table(lambda: backend.grad_values(dy_big, x_big, layer.idx, 2, 4, rand),
+    result["gpu_kernels_mvue_dw"] = _kernel_table(lambda: backend.grad_values(dy_big, x_big, layer.idx, 2, 4, mvue_key=1),
                                                   f"MVUE weight gradient, {tokens} tokens")
     print({k: v for k, v in result.items() if k.endswith("_us")})
     print("\n".join(result["gpu_kernels_mvue_dw"]))

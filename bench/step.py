@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> None:
         "autograd": {"multithreading": args.autograd_threads},
     }
     if args.mode != "dense":
-        config["sparsity"] = {"backend": "cusparselt", "mask_change_freq": 100, "double_prune": args.mode != "static"}
+        config["sparsity"] = {"backend": "cusparselt", "mask_change_freq": 100, "double_prune": args.mode != "static",
+                              "mvue_dw": args.mvue_dw}
     engine, *_ = dsparse.initialize(model=model, config=config)
     device = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=device).manual_seed(dist.get_rank())
@@ -116,8 +117,9 @@ def run(args: argparse.Namespace) -> None:
                 step()
             torch.cuda.synchronize()
         profile = kernel_breakdown(prof, args.profile)
+    host_profile = _host_profile(step, args.host_profile) if args.host_profile else None
     tokens = args.micro_batch_size * args.seq_len * dist.get_world_size()
-    result = {"mode": args.mode, "grad_ckpt": args.grad_ckpt, "fused": args.fusion != "off",
+    result = {"mode": args.mode, "mvue_dw": args.mvue_dw and args.mode != "dense", "grad_ckpt": args.grad_ckpt, "fused": args.fusion != "off",
               "fused_blocks": dsparse.fused_counts(engine.module), "overlap_comm": args.overlap_comm == "on",
               "autograd_multithreading": args.autograd_threads, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
@@ -129,6 +131,8 @@ def run(args: argparse.Namespace) -> None:
               "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     if profile is not None:
         result["gpu_profile"] = profile
+    if host_profile is not None:
+        result["host_profile"] = host_profile
     if dist.get_rank() == 0:
         result["environment"] = environment()
         with open(args.out, "w") as f:
@@ -137,15 +141,37 @@ def run(args: argparse.Namespace) -> None:
               f"peak {result['peak_memory_gib']:.2f} GiB", flush=True)
 
 
+def _host_profile(step, steps: int, top: int = 40) -> dict:
+    """Where the host's time goes: ``steps`` steps under cProfile (after the timing, which it would
+    slow), the ``top`` functions by own time, in ms per step (own and cumulative) and calls per step."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
+    return {"steps": steps, "functions": [
+        {"function": f"{os.path.basename(file)}:{line}({name})", "calls": calls / steps,
+         "own_ms": 1e3 * own / steps, "cumulative_ms": 1e3 * cumulative / steps}
+        for (file, line, name), (_, calls, own, cumulative, _) in rows]}
+
+
 def _label(row: dict) -> str:
     """A run's name in the merged result: its mode, ``+grad_ckpt`` when activations were recomputed,
-    ``+unfused`` without the fused RMSNorm/SwiGLU/RoPE kernels, ``+no-rope`` with RMSNorm/SwiGLU only
+    ``+mvue`` with MVUE weight gradients, ``+unfused`` without the fused RMSNorm/SwiGLU/RoPE kernels, ``+no-rope`` with RMSNorm/SwiGLU only
     (every fused run from before RoPE was), ``+threaded`` with backward on autograd's device thread
     (torch's default, and every run from before the flag), ``+no-overlap`` without ZeRO's overlap_comm,
     ``xN`` GPUs."""
     threaded = row.get("autograd_multithreading", True)
     fused = row.get("fused", False)
-    return (row["mode"] + ("+grad_ckpt" if row.get("grad_ckpt") else "")
+    return (row["mode"] + ("+mvue" if row.get("mvue_dw") and row["mode"] != "dense" else "")
+            + ("+grad_ckpt" if row.get("grad_ckpt") else "")
             + ("+unfused" if not fused else "+no-rope" if not row.get("fused_blocks", {}).get("rope") else "")
             + ("+threaded" if threaded else "") + ("+no-overlap" if row.get("overlap_comm") is False else "")
             + (f"x{row['gpus']}" if row["gpus"] > 1 else ""))
@@ -197,6 +223,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--micro_batch_size", type=int, default=8)
     parser.add_argument("--zero", type=int, default=2)
+    parser.add_argument("--mvue_dw", action="store_true",
+                        help="sparse weight gradients from an MVUE 2:4 sparsification of dYᵀ (config sparsity.mvue_dw)")
     parser.add_argument("--grad_ckpt", action="store_true",
                         help="activation checkpointing (HF gradient_checkpointing_enable); compared with dense run the same way")
     parser.add_argument("--fusion", choices=["on", "off", "no-rope"], default="on",
@@ -211,6 +239,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile this many steps: GPU time per step by kernel category")
+    parser.add_argument("--host_profile", type=int, default=0,
+                        help="after timing, run this many steps under cProfile: the host's time by function")
     parser.add_argument("--out", default="step.json")
     parser.add_argument("--merge", nargs="+", default=None, help="merge per-mode JSON files into --result")
     parser.add_argument("--result", default=None)

@@ -1,4 +1,5 @@
-"""Ship per-shape plans: tune both products of every linear shape and save the winners.
+"""Ship per-shape plans: tune the products of every linear shape (forward, input gradient and the
+MVUE weight gradient) and save the winners.
 
 The measurement itself is :func:`dsparse.backends.tuning.tune_product` (every cuSPARSELt
 algorithm and result layout, run as dsparse runs them and checked against algorithm 0,
@@ -20,7 +21,7 @@ import torch
 
 from bench.common import gpu_tag, write_result
 from dsparse.backends import plans
-from dsparse.backends.tuning import tune_product
+from dsparse.backends.tuning import tune_mvue_dw, tune_product
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,16 +32,17 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str], path: str) -> list[dict]:
-    """Tune both sparse products of every linear shape; installs the winning plans and saves them to ``path``."""
+    """Tune the sparse products of every linear shape; installs the winning plans and saves them to ``path``."""
     table = []
     for in_f, out_f in shapes:
         for tokens in tokens_list:
             for dname in dtypes:
                 dtype = DTYPES[dname]
-                # forward: W (out, in) @ Xᵀ ; input gradient: W̃ᵀ (in, out) @ dYᵀ
-                for role, rows, k in (("fwd", out_f, in_f), ("dx", in_f, out_f)):
+                # forward: W (out, in) @ Xᵀ ; input gradient: W̃ᵀ (in, out) @ dYᵀ ; MVUE dW: S(dYᵀ) (out, T) @ X
+                for role, rows, k in (("fwd", out_f, in_f), ("dx", in_f, out_f), ("dw_mvue", in_f, out_f)):
                     start = time.perf_counter()
-                    plan, timings = tune_product(rows, k, tokens, dtype, graph=True)
+                    plan, timings = (tune_mvue_dw(k, rows, tokens, dtype, graph=True) if role == "dw_mvue"
+                                     else tune_product(rows, k, tokens, dtype, graph=True))
                     plans.set_plan(role, tokens, k, rows, dtype, plan)
                     plans.save_plans(path)
                     default = next(t.get("ms", float("nan")) for t in timings

@@ -136,6 +136,51 @@ def dense_transpose_from_kept(
     return scatter_kept(torch.where(keep_t, values, torch.zeros_like(values)), idx, n, m).t()
 
 
+# The MVUE draws: a counter-based hash (Wellons' "lowbias32" mix, twice) of (key, row, pair), so the
+# Triton kernels draw in registers what this code draws on the CPU, bit for bit, with no random
+# tensor written and read (it was as large as dYᵀ in fp32). 32-bit products are formed from
+# 16-bit halves so int64 arithmetic never overflows.
+MVUE_MIX = (0x7FEB352D, 0x846CA68B)
+MVUE_KEY_BITS = 31
+
+
+def mvue_key(*parts: int) -> int:
+    """A draw key (31 bits) from integers, e.g. (layer seed, optimizer step, micro-batch)."""
+    return hash(tuple(parts)) & ((1 << MVUE_KEY_BITS) - 1)
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    for shift, c in ((16, MVUE_MIX[0]), (15, MVUE_MIX[1])):
+        h = h ^ (h >> shift)
+        h = (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def mvue_uniform(key: int, rows: int, pairs: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform ``[0, 1)`` fp32 draws ``(rows, pairs)`` for :func:`mvue_pairs`, a function of ``key``
+    and the position only: ``mix(pair ^ mix(row ^ key)) >> 8`` times ``2**-24`` (what the kernels draw)."""
+    if not 0 <= key < 1 << MVUE_KEY_BITS:
+        raise ValueError(f"mvue_uniform: key must be in [0, 2**{MVUE_KEY_BITS}), got {key}")
+    row = _mix32(torch.arange(rows, device=device)[:, None] ^ key)
+    return (_mix32(torch.arange(pairs, device=device)[None, :] ^ row) >> 8).to(torch.float32) * 2.0**-24
+
+
+def mvue_pairs_kept(t: torch.Tensor, rand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mvue_pairs` as its survivors: per pair of ``t``'s last dim, the kept value (``t``'s
+    dtype) and whether it is the pair's first entry (bool), each of shape ``(..., t.shape[-1] // 2)``.
+
+    A pair of two zeros keeps its first entry, as zero. The form a compressed 2:4 operand stores.
+    """
+    if t.shape[-1] % 2:
+        raise ValueError(f"mvue_pairs needs an even last dimension, got shape {tuple(t.shape)}")
+    pairs = t.float().reshape(*t.shape[:-1], -1, 2)
+    mag = pairs.abs()
+    total = mag.sum(-1)
+    first = rand < torch.where(total > 0, mag[..., 0] / total.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+    value = torch.sign(torch.where(first, pairs[..., 0], pairs[..., 1])) * total
+    return value.to(t.dtype), first
+
+
 def mvue_pairs(t: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
     """Unbiased 1:2 (hence 2:4) sparsification of ``t`` along its last dim, of minimum variance.
 
@@ -145,13 +190,6 @@ def mvue_pairs(t: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
     uniform ``[0, 1)`` numbers of shape ``(*t.shape[:-1], t.shape[-1] // 2)``. Computed in fp32,
     returned in ``t``'s dtype.
     """
-    if t.shape[-1] % 2:
-        raise ValueError(f"mvue_pairs needs an even last dimension, got shape {tuple(t.shape)}")
-    pairs = t.float().reshape(*t.shape[:-1], -1, 2)
-    mag = pairs.abs()
-    total = mag.sum(-1)
-    first = rand < torch.where(total > 0, mag[..., 0] / total.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
-    value = torch.sign(torch.where(first, pairs[..., 0], pairs[..., 1])) * total
+    value, first = mvue_pairs_kept(t, rand)
     zero = torch.zeros_like(value)
-    out = torch.stack([torch.where(first, value, zero), torch.where(first, zero, value)], dim=-1)
-    return out.reshape(t.shape).to(t.dtype)
+    return torch.stack([torch.where(first, value, zero), torch.where(first, zero, value)], dim=-1).reshape(t.shape)

@@ -13,7 +13,8 @@
 * :func:`rope_forward` / :func:`rope_backward` — the rotary embedding of queries or keys, one pass
   each way, bit-identical to HF's.
 * :func:`mvue_transpose` — the unbiased 2:4 sparsification of ``dYᵀ`` for MVUE weight
-  gradients, transposed and padded in one pass.
+  gradients, transposed and padded in one pass; :func:`mvue_compress` writes it straight
+  into cuSPARSELt's compressed layout (:mod:`kernels.cslt_meta`).
 
 Each has a pure-torch ``*_reference`` next to it. The kernels run compiled on CUDA
 tensors and through the Triton interpreter on CPU tensors (tests only: slow), whatever
@@ -22,7 +23,7 @@ None of them builds an autograd graph.
 """
 from .gather import gather_kept, gather_kept_reference
 from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference
-from .mvue import mvue_transpose, mvue_transpose_reference
+from .mvue import mvue_compress, mvue_compress_reference, mvue_transpose, mvue_transpose_reference
 from .norm import rms_norm_backward, rms_norm_forward, rms_norm_reference
 from .swiglu import silu_mul_backward, silu_mul_forward, silu_mul_reference
 from .rope import rope_backward, rope_forward, rope_reference
@@ -42,6 +43,8 @@ __all__ = [
     "bias_add_reference",
     "mvue_transpose",
     "mvue_transpose_reference",
+    "mvue_compress",
+    "mvue_compress_reference",
     "rms_norm_forward",
     "rms_norm_backward",
     "rms_norm_reference",

@@ -1,10 +1,18 @@
 """MVUE 2:4 sparsification of the output gradient, transposed, in one pass: ``S(dYᵀ)``.
 
-Reads ``dY`` ``(tokens, out)`` and uniform numbers ``(out, padded / 2)``; writes ``S``
-``(out, padded)`` in ``dY``'s dtype, where each pair of consecutive tokens keeps one entry,
-``a`` with probability ``|a| / (|a| + |b|)``, as ``sign · (|a| + |b|)`` (tokens past the
-end count as zeros). The same fp32 arithmetic as :func:`dsparse.nm.mvue_pairs`, so the
-result is bit-identical to it, without its fp32 temporaries of ``out x tokens``.
+Reads ``dY`` ``(tokens, out)``. In each pair of consecutive tokens one entry survives, ``a``
+with probability ``|a| / (|a| + |b|)``, as ``sign · (|a| + |b|)`` (tokens past the end count
+as zeros). The uniform draws are :func:`dsparse.nm.mvue_uniform` of a key, computed in
+registers; with the same fp32 arithmetic as :func:`dsparse.nm.mvue_pairs` the results are
+bit-identical to it, without its temporaries of ``out x tokens``. Two outputs:
+
+* :func:`mvue_transpose`: ``S`` as a dense ``(out, padded)`` matrix in ``dY``'s dtype;
+* :func:`mvue_compress`: ``S`` as cuSPARSELt's compressed operand (kept values and metadata,
+  :mod:`kernels.cslt_meta`), ready for a sparse product, so no dense ``S`` is written and no
+  ``torch._cslt_compress`` runs (that took 2.5x the dense weight-gradient GEMM on an H100).
+
+A program owns ``BLOCK_C`` rows of ``S`` (in two halves: rows ``r`` and ``r + 8``, which share
+metadata bytes) and ``BLOCK_P`` pairs.
 """
 from __future__ import annotations
 
@@ -13,71 +21,147 @@ import triton
 import triton.language as tl
 
 from ._triton import DualKernel, check_2d, check_same_device
+from .cslt_meta import check_shape
 
-__all__ = ["mvue_transpose", "mvue_transpose_reference"]
+__all__ = ["mvue_transpose", "mvue_transpose_reference", "mvue_compress", "mvue_compress_reference"]
 
 CONFIG = {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 4}
 
 
 def _mvue_transpose_kernel(
-    dy_ptr, r_ptr, o_ptr, tokens, cols, pairs,
-    sd0, sd1, sr0, sr1, so0, so1,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ROUND_BF16: tl.constexpr,
+    dy_ptr, o_ptr, m_ptr, key, tokens, cols, pairs,
+    sd0, sd1, so0, so1,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ROUND_BF16: tl.constexpr, COMPRESSED: tl.constexpr,
 ):
-    c = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[:, None]
+    half = tl.arange(0, BLOCK_C // 2)
+    lower = tl.program_id(0) * BLOCK_C + (half // 8) * 16 + half % 8  # rows r with r // 8 even
     p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[None, :]
-    inside = (c < cols) & (p < pairs)
-    t0 = 2 * p
-    t1 = t0 + 1
-    a = tl.load(dy_ptr + t0 * sd0 + c * sd1, mask=inside & (t0 < tokens), other=0).to(tl.float32)
-    b = tl.load(dy_ptr + t1 * sd0 + c * sd1, mask=inside & (t1 < tokens), other=0).to(tl.float32)
-    u = tl.load(r_ptr + c * sr0 + p * sr1, mask=inside, other=0)
-    mag_a = tl.abs(a)
-    total = mag_a + tl.abs(b)
-    positive = total > 0
-    first = u < tl.where(positive, mag_a / tl.where(positive, total, 1.0), 1.0)
-    kept = tl.where(first, a, b)
-    value = tl.where(kept > 0, total, tl.where(kept < 0, -total, 0.0))
-    if ROUND_BF16:  # round to nearest even by hand: the interpreter's bf16 cast truncates
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = bits.to(tl.float32, bitcast=True)
-    zero = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)  # (tl.zeros_like is a jit function: see _triton)
-    tl.store(o_ptr + c * so0 + t0 * so1, tl.where(first, value, zero).to(o_ptr.dtype.element_ty), mask=inside)
-    tl.store(o_ptr + c * so0 + t1 * so1, tl.where(first, zero, value).to(o_ptr.dtype.element_ty), mask=inside)
+    codes = tl.full([BLOCK_C // 2, BLOCK_P // 2], 0, tl.int32)
+    for h in tl.static_range(2):  # rows r, then r + 8
+        c = (lower + 8 * h).to(tl.int64)[:, None]
+        inside = (c < cols) & (p < pairs)
+        t0 = 2 * p
+        t1 = t0 + 1
+        a = tl.load(dy_ptr + t0 * sd0 + c * sd1, mask=inside & (t0 < tokens), other=0).to(tl.float32)
+        b = tl.load(dy_ptr + t1 * sd0 + c * sd1, mask=inside & (t1 < tokens), other=0).to(tl.float32)
+        d = c ^ key  # the draw: nm.mvue_uniform's mix(pair ^ mix(row ^ key)), multipliers nm.MVUE_MIX
+        for apply in tl.static_range(2):
+            if apply == 1:
+                d = p ^ d
+            d = d ^ (d >> 16)
+            d = (d * 0x352D + (((d * 0x7FEB) & 0xFFFF) << 16)) & 0xFFFFFFFF
+            d = d ^ (d >> 15)
+            d = (d * 0xA68B + (((d * 0x846C) & 0xFFFF) << 16)) & 0xFFFFFFFF
+            d = d ^ (d >> 16)
+        u = (d >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+        mag_a = tl.abs(a)
+        total = mag_a + tl.abs(b)
+        positive = total > 0
+        first = u < tl.where(positive, mag_a / tl.where(positive, total, 1.0), 1.0)
+        kept = tl.where(first, a, b)
+        value = tl.where(kept > 0, total, tl.where(kept < 0, -total, 0.0))
+        if ROUND_BF16:  # round to nearest even by hand: the interpreter's bf16 cast truncates
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            value = bits.to(tl.float32, bitcast=True)
+        if COMPRESSED:  # the kept value of pair p is entry p of the values row; its position goes to metadata
+            tl.store(o_ptr + c * so0 + p * so1, value.to(o_ptr.dtype.element_ty), mask=inside)
+            position = tl.where(first, 0, 1) + 2 * (p & 1).to(tl.int32)
+            pos0, pos1 = tl.split(tl.reshape(position, [BLOCK_C // 2, BLOCK_P // 2, 2]))
+            codes = codes | ((pos0 | (pos1 << 2)) << (4 * h))
+        else:
+            zero = tl.full([BLOCK_C // 2, BLOCK_P], 0.0, tl.float32)  # (tl.zeros_like is a jit function: see _triton)
+            tl.store(o_ptr + c * so0 + t0 * so1, tl.where(first, value, zero).to(o_ptr.dtype.element_ty), mask=inside)
+            tl.store(o_ptr + c * so0 + t1 * so1, tl.where(first, zero, value).to(o_ptr.dtype.element_ty), mask=inside)
+    if COMPRESSED:  # byte of rows (r, r + 8) and group g: nibble index (see kernels.cslt_meta) // 2
+        r = lower.to(tl.int64)[:, None]
+        g = tl.program_id(1) * (BLOCK_P // 2) + tl.arange(0, BLOCK_P // 2).to(tl.int64)[None, :]
+        byte = ((r // 64) * 16 * (2 * pairs) + (g // 8) * 512 + (r // 16 % 4) * 128 + (r % 8) * 16
+                + (g % 4) * 4 + (g // 4 % 2) * 2) // 2
+        tl.store(m_ptr + byte, codes.to(tl.uint8), mask=(r < cols) & (g < pairs // 2))
 
 
 _KERNEL = DualKernel(_mvue_transpose_kernel)
 
 
-def mvue_transpose_reference(dy: torch.Tensor, rand: torch.Tensor, padded: int) -> torch.Tensor:
-    """Pure torch: :func:`dsparse.nm.mvue_pairs` of ``dYᵀ`` padded with zero tokens to ``padded``."""
+def mvue_transpose_reference(dy: torch.Tensor, key: int, padded: int) -> torch.Tensor:
+    """Pure torch: :func:`dsparse.nm.mvue_pairs` of ``dYᵀ`` padded with zero tokens to ``padded``,
+    with the draws :func:`dsparse.nm.mvue_uniform` of ``key``."""
     from dsparse import nm
 
-    dyt = torch.nn.functional.pad(dy, (0, 0, 0, padded - dy.shape[0])).t()
-    return nm.mvue_pairs(dyt, rand)
+    return nm.mvue_pairs(_padded_transpose(dy, padded), nm.mvue_uniform(key, dy.shape[1], padded // 2, dy.device))
 
 
-def mvue_transpose(dy: torch.Tensor, rand: torch.Tensor, padded: int, *,
+def mvue_compress_reference(dy: torch.Tensor, key: int, padded: int) -> torch.Tensor:
+    """Pure torch: :func:`mvue_transpose_reference` as cuSPARSELt compresses it
+    (:func:`kernels.cslt_meta.compress_reference`; a pair of zeros keeps its first entry)."""
+    from dsparse import nm
+
+    from .cslt_meta import compress_reference
+
+    rand = nm.mvue_uniform(key, dy.shape[1], padded // 2, dy.device)
+    value, first = nm.mvue_pairs_kept(_padded_transpose(dy, padded), rand)
+    second_pair = torch.arange(value.shape[1], device=value.device) % 2 == 1
+    return compress_reference(value, torch.where(first, 0, 1) + 2 * second_pair)
+
+
+def _padded_transpose(dy: torch.Tensor, padded: int) -> torch.Tensor:
+    return torch.nn.functional.pad(dy, (0, 0, 0, padded - dy.shape[0])).t()
+
+
+def mvue_transpose(dy: torch.Tensor, key: int, padded: int, *,
                    config: dict[str, int] | None = None) -> torch.Tensor:
-    """``S(dYᵀ)`` ``(out, padded)`` from ``dy`` ``(tokens, out)`` and ``rand`` ``(out, padded / 2)`` (fp32).
+    """``S(dYᵀ)`` ``(out, padded)`` from ``dy`` ``(tokens, out)``, drawn with ``key`` (:func:`dsparse.nm.mvue_key`).
 
     Equal to :func:`mvue_transpose_reference`. CPU tensors run through the Triton
     interpreter (slow: for tests).
     """
-    what = "mvue_transpose"
+    tokens, cols = _check("mvue_transpose", dy, key, padded)
+    out = torch.empty(cols, padded, dtype=dy.dtype, device=dy.device)
+    if out.numel():
+        _launch(dy, key, padded, out, out, config, compressed=False)
+    return out
+
+
+def mvue_compress(dy: torch.Tensor, key: int, padded: int, *,
+                  config: dict[str, int] | None = None) -> torch.Tensor:
+    """``S(dYᵀ)`` as cuSPARSELt's compressed operand ``(out, padded/2 + padded/16)``: what
+    ``torch._cslt_compress(mvue_transpose(dy, key, padded))`` holds, in one pass.
+
+    ``dy``: fp16/bf16 ``(tokens, out)``; ``out`` and ``padded`` multiples of 64. Bit-identical to
+    :func:`mvue_compress_reference`. CPU tensors run through the Triton interpreter (tests).
+    """
+    what = "mvue_compress"
+    tokens, cols = _check(what, dy, key, padded)
+    if dy.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{what}: cuSPARSELt's 2:4 operands are fp16 or bf16, got {dy.dtype}")
+    check_shape(what, cols, padded)
+    packed = torch.empty(cols, padded // 2 + padded // 16, dtype=dy.dtype, device=dy.device)
+    values = packed.view(-1)[: cols * padded // 2].view(cols, padded // 2)
+    _launch(dy, key, padded, values, packed.view(torch.uint8).view(-1)[cols * padded:], config, compressed=True)
+    return packed
+
+
+def _check(what: str, dy: torch.Tensor, key: int, padded: int) -> tuple[int, int]:
+    from dsparse.nm import MVUE_KEY_BITS
+
     check_2d(what, "dy", dy)
+    check_same_device(what, dy)
     tokens, cols = dy.shape
     if padded < tokens or padded % 2:
         raise ValueError(f"{what}: padded = {padded} must be even and at least the {tokens} tokens")
-    check_2d(what, "rand", rand, shape=(cols, padded // 2), dtypes=(torch.float32,))
-    check_same_device(what, dy, rand=rand)
-    out = torch.empty(cols, padded, dtype=dy.dtype, device=dy.device)
-    if out.numel() == 0:
-        return out
+    if not 0 <= key < 1 << MVUE_KEY_BITS:
+        raise ValueError(f"{what}: key must be in [0, 2**{MVUE_KEY_BITS}) (see dsparse.nm.mvue_key), got {key}")
+    return tokens, cols
+
+
+def _launch(dy: torch.Tensor, key: int, padded: int, out: torch.Tensor, meta: torch.Tensor,
+            config: dict[str, int] | None, *, compressed: bool) -> None:
     cfg = {**CONFIG, **(config or {})}
+    if cfg["BLOCK_C"] % 16 or cfg["BLOCK_P"] % 2:
+        raise ValueError(f"mvue kernels: BLOCK_C must be a multiple of 16 and BLOCK_P even, got {cfg}")
+    tokens, cols = dy.shape
     grid = (triton.cdiv(cols, cfg["BLOCK_C"]), triton.cdiv(padded // 2, cfg["BLOCK_P"]))
-    _KERNEL.launch(dy.device, grid, dy, rand, out, tokens, cols, padded // 2, dy.stride(0), dy.stride(1),
-                   rand.stride(0), rand.stride(1), out.stride(0), out.stride(1), **cfg,
-                   ROUND_BF16=dy.dtype == torch.bfloat16)
-    return out
+    _KERNEL.launch(dy.device, grid, dy, out, meta, key, tokens, cols, padded // 2, dy.stride(0), dy.stride(1),
+                   out.stride(0), out.stride(1), **cfg,
+                   ROUND_BF16=dy.dtype == torch.bfloat16, COMPRESSED=compressed)

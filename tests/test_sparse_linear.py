@@ -283,12 +283,12 @@ def test_mvue_pairs_is_unbiased():
 def test_mvue_weight_gradient_is_the_kept_part_of_the_sparsified_product():
     torch.manual_seed(0)
     layer = SparseLinear(32, 16, bias=False, backend="reference", mvue_dw=True, mvue_seed=3)
-    x = torch.randn(2, 9, 32)  # 18 tokens: padded to 32 inside
+    x = torch.randn(2, 9, 32)  # 18 tokens: padded to 64 inside
     dy = torch.randn(2, 9, 16)
     layer(x).backward(dy)
-    rand = torch.rand(16, 16, generator=torch.Generator().manual_seed(hash((3, 0, 0)) & (2**63 - 1)))
-    dy_pad = torch.nn.functional.pad(dy.reshape(18, 16), (0, 0, 0, 14))
-    x_pad = torch.nn.functional.pad(x.reshape(18, 32), (0, 0, 0, 14))
+    rand = nm.mvue_uniform(nm.mvue_key(3, 0, 0), 16, 32)  # (seed, optimizer step, micro-batch)
+    dy_pad = torch.nn.functional.pad(dy.reshape(18, 16), (0, 0, 0, 46))
+    x_pad = torch.nn.functional.pad(x.reshape(18, 32), (0, 0, 0, 46))
     want = nm.gather_kept(nm.mvue_pairs(dy_pad.t(), rand).mm(x_pad), layer.idx, 4)
     torch.testing.assert_close(layer.values.grad, want)
     exact = nm.gather_kept(dy.reshape(18, 16).t().mm(x.reshape(18, 32)), layer.idx, 4)
@@ -317,3 +317,13 @@ def test_mvue_draws_depend_on_step_and_micro_batch_only():
     b.on_optimizer_step()
     assert torch.equal(grads(a, batches[:1])[0], grads(b, batches[:1])[0])
     assert not torch.equal(grads(a, batches[:1])[0], ga[0])  # another step draws anew
+
+
+def test_mvue_uniform_draws_are_uniform_and_keyed():
+    u = nm.mvue_uniform(nm.mvue_key(1, 2, 3), 64, 4096)
+    assert u.dtype == torch.float32 and u.shape == (64, 4096) and 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert (counts - 0.1).abs().max() < 0.005
+    assert torch.equal(u, nm.mvue_uniform(nm.mvue_key(1, 2, 3), 64, 4096))
+    assert (u != nm.mvue_uniform(nm.mvue_key(1, 2, 4), 64, 4096)).float().mean() > 0.99
+    assert (u[:, 1:] - u[:, :-1]).abs().mean().sub(1 / 3).abs() < 0.01  # neighbours independent

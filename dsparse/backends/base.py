@@ -64,22 +64,22 @@ class Backend(abc.ABC):
         """``dy2d @ W̃`` for ``dy2d`` of shape ``(tokens, out)``: the input gradient."""
 
     def grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int,
-                    rand: torch.Tensor | None = None) -> torch.Tensor:
+                    mvue_key: int | None = None) -> torch.Tensor:
         """The weight gradient at the kept entries only, shape ``(out, in*n/m)``: a dense GEMM
         reduced to the kept entries (one Triton pass on CUDA, reading the uint8 positions).
 
-        ``rand`` (uniform, ``(out, padded_tokens(tokens) / 2)``): use the unbiased MVUE 2:4
-        sparsification of ``dYᵀ`` along the tokens (:func:`dsparse.nm.mvue_pairs`) instead of
+        ``mvue_key`` (:func:`dsparse.nm.mvue_key`): use the unbiased MVUE 2:4 sparsification of
+        ``dYᵀ`` along the tokens (:func:`dsparse.nm.mvue_pairs`, drawn from the key) instead of
         ``dYᵀ`` itself, which backends may run as a sparse GEMM.
         """
-        if rand is not None:
-            dyt = mvue_grad_output(dy2d, rand)
+        if mvue_key is not None:
+            dyt = mvue_grad_output(dy2d, mvue_key)
             x2d = torch.nn.functional.pad(x2d, (0, 0, 0, dyt.shape[1] - x2d.shape[0]))
             return reduce_to_kept(dyt.mm(x2d), idx, n, m)
         return reduce_to_kept(dy2d.t().mm(x2d), idx, n, m)
 
 
-MVUE_TOKEN_MULTIPLE = 16  # the tokens are padded with zeros to this (cuSPARSELt's sparse operand needs it)
+MVUE_TOKEN_MULTIPLE = 64  # the tokens are padded with zeros to this (cuSPARSELt's sparse operand is then unpadded)
 
 
 def padded_tokens(tokens: int) -> int:
@@ -87,7 +87,7 @@ def padded_tokens(tokens: int) -> int:
     return -(-tokens // MVUE_TOKEN_MULTIPLE) * MVUE_TOKEN_MULTIPLE
 
 
-def mvue_grad_output(dy2d: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
+def mvue_grad_output(dy2d: torch.Tensor, key: int) -> torch.Tensor:
     """``S(dYᵀ)`` ``(out, padded_tokens(T))``: 2:4 along the tokens, zero tokens appended.
 
     On CUDA one Triton pass (:func:`kernels.mvue_transpose`, bit-identical to the torch code)."""
@@ -96,7 +96,8 @@ def mvue_grad_output(dy2d: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
     if dy2d.is_cuda:
         from kernels import mvue_transpose
 
-        return mvue_transpose(dy2d, rand, padded)
+        return mvue_transpose(dy2d, key, padded)
+    rand = nm.mvue_uniform(key, dy2d.shape[1], padded // 2, dy2d.device)
     return nm.mvue_pairs(torch.nn.functional.pad(dy2d, (0, 0, 0, padded - tokens)).t(), rand)
 
 

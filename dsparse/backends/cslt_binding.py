@@ -139,20 +139,22 @@ def _load() -> str | None:
 
 
 def _describe(handle: int, base: int, m: int, k: int, n: int, dtype: torch.dtype, transpose_result: bool,
-              bias_ptr: int, made: list[tuple[str, int]]) -> int:
+              bias_ptr: int, made: list[tuple[str, int]], x_kn: bool = False) -> int:
     """Initialise at ``base`` the descriptors torch 2.11 makes for ``compressed_A (m, k)`` and
-    ``dense_B = X.t()`` with ``X (n, k)`` contiguous, a matmul descriptor and an algorithm selection
-    (what needs destroying goes to ``made``); returns how many algorithm ids cuSPARSELt offers."""
+    ``dense_B = X.t()`` with ``X (n, k)`` contiguous (``x_kn``: ``dense_B = X``, ``(k, n)`` contiguous),
+    a matmul descriptor and an algorithm selection (what needs destroying goes to ``made``);
+    returns how many algorithm ids cuSPARSELt offers."""
     sparse, dense, out, matmul, alg_sel = (base + i * _OPAQUE for i in range(5))
     vtype = _VALUE_TYPES[dtype]
     _call("cusparseLtStructuredDescriptorInit", handle, sparse, m, k, k, 16, vtype, _ORDER_ROW, _SPARSITY_50_PERCENT)
     made.append(("cusparseLtMatDescriptorDestroy", sparse))
-    _call("cusparseLtDenseDescriptorInit", handle, dense, n, k, k, 16, vtype, _ORDER_ROW)
+    _call("cusparseLtDenseDescriptorInit", handle, dense, *((k, n, n) if x_kn else (n, k, k)), 16, vtype, _ORDER_ROW)
     made.append(("cusparseLtMatDescriptorDestroy", dense))
     _call("cusparseLtDenseDescriptorInit", handle, out, m, n, m if transpose_result else n, 16, vtype,
           _ORDER_COL if transpose_result else _ORDER_ROW)
     made.append(("cusparseLtMatDescriptorDestroy", out))
-    _call("cusparseLtMatmulDescriptorInit", handle, matmul, _OP_N, _OP_T, sparse, dense, out, out, _COMPUTE_32F)
+    _call("cusparseLtMatmulDescriptorInit", handle, matmul, _OP_N, _OP_N if x_kn else _OP_T, sparse, dense, out, out,
+          _COMPUTE_32F)
     if bias_ptr:
         cell = c_void_p(bias_ptr)
         _call("cusparseLtMatmulDescSetAttribute", handle, matmul, _BIAS_POINTER, ctypes.addressof(cell), 8)
@@ -174,12 +176,12 @@ class _Plan:
     __slots__ = ("_buffer", "matmul", "plan", "workspace")
 
     def __init__(self, handle: int, m: int, k: int, n: int, dtype: torch.dtype, transpose_result: bool,
-                 alg_id: int, bias_ptr: int):
+                 alg_id: int, bias_ptr: int, x_kn: bool):
         self._buffer, base = _aligned(6)
         self.matmul, alg_sel, self.plan = (base + i * _OPAQUE for i in (3, 4, 5))
         made: list[tuple[str, int]] = []  # destroyed again if a step fails
         try:
-            _describe(handle, base, m, k, n, dtype, transpose_result, bias_ptr, made)
+            _describe(handle, base, m, k, n, dtype, transpose_result, bias_ptr, made, x_kn)
             alg = c_int(alg_id)  # as torch: not checked against alg_count (see there)
             _call("cusparseLtMatmulAlgSetAttribute", handle, alg_sel, _ALG_CONFIG_ID, ctypes.addressof(alg), 4)
             _call("cusparseLtMatmulPlanInit", handle, self.plan, self.matmul, alg_sel)
@@ -216,15 +218,17 @@ def _state(device: int) -> _DeviceState:
 
 
 def sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None, transpose_result: bool,
-              alg_id: int) -> torch.Tensor:
+              alg_id: int, *, x_kn: bool = False) -> torch.Tensor:
     """``torch._cslt_sparse_mm(packed, x2d.t(), bias=bias, transpose_result=..., alg_id=...)`` on a cached plan.
 
     ``packed``: ``torch._cslt_compress`` of an ``(m, k)`` matrix, 2:4 along ``k``; ``x2d``: contiguous
     ``(n, k)`` of the same dtype (fp16/bf16), ``n`` a multiple of 8; ``bias``: ``(m,)`` of that dtype.
     Returns ``A @ x2dᵀ (+ bias[:, None])`` as a row-major ``(m, n)``, or its transpose ``(n, m)``
-    with ``transpose_result``. Check :func:`unavailable_reason` first.
+    with ``transpose_result``. ``x_kn``: ``x2d`` is the contiguous ``(k, n)`` right operand itself
+    (``A @ x2d``; e.g. activations ``(tokens, in)`` for a product along the tokens), no transposed copy.
+    Check :func:`unavailable_reason` first.
     """
-    n, k = x2d.shape
+    k, n = x2d.shape if x_kn else x2d.shape[::-1]
     m = packed.shape[0]
     dtype, device = x2d.dtype, x2d.device
     if not (x2d.is_contiguous() and packed.is_contiguous() and packed.dtype == dtype and packed.device == device
@@ -233,13 +237,13 @@ def sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None
     index = device.index
     if torch.cuda.current_device() != index:
         with torch.cuda.device(index):
-            return sparse_mm(packed, x2d, bias, transpose_result, alg_id)
+            return sparse_mm(packed, x2d, bias, transpose_result, alg_id, x_kn=x_kn)
     state = _state(index)
-    key = (m, k, n, dtype, transpose_result, alg_id, bias is not None)
+    key = (m, k, n, dtype, transpose_result, alg_id, bias is not None, x_kn)
     plan = state.plans.get(key)
     if plan is None:
         plan = state.plans[key] = _Plan(state.handle, m, k, n, dtype, transpose_result, alg_id,
-                                        0 if bias is None else bias.data_ptr())
+                                        0 if bias is None else bias.data_ptr(), x_kn)
     out = torch.empty((n, m) if transpose_result else (m, n), dtype=dtype, device=device)
     if bias is not None:  # the plan reads the bias pointer from its matmul descriptor at each call
         state.bias.value = bias.data_ptr()
@@ -289,6 +293,10 @@ def _self_check(dtype: torch.dtype, device: torch.device) -> str | None:
             if got.shape != want.shape or (got - want).norm() > 1e-3 * want.norm():
                 return (f"differs from torch._cslt_sparse_mm ({dtype}, transpose_result={transpose}, "
                         f"bias={bias is not None})")
+    got = sparse_mm(packed, x.t().contiguous(), None, False, 0, x_kn=True).float()
+    want = torch._cslt_sparse_mm(packed, x.t()).float()
+    if (got - want).norm() > 1e-3 * want.norm():
+        return f"differs from torch._cslt_sparse_mm ({dtype}, right operand (k, n) row-major)"
     return None
 
 

@@ -33,6 +33,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _MIN_DIM = 16  # cuSPARSELt: both dims of the sparse operand multiples of 16 for 16-bit types
 _TOKEN_MULTIPLE = 8  # and the dense operand's free dim a multiple of 8
 _layout_ok: dict[torch.dtype, bool] = {}
+_meta_layout_ok: dict[torch.dtype, bool] = {}  # kernels.cslt_meta describes this cuSPARSELt's layout
 
 
 @dataclass
@@ -97,6 +98,24 @@ def _inplace_layout_ok(dtype: torch.dtype, device: torch.device) -> bool:
         packed = torch._cslt_compress(nm.scatter_kept(kept, idx, 2, 4))
         _layout_ok[dtype] = bool(torch.equal(_values_region(packed, 64, 64), kept))
     return _layout_ok[dtype]
+
+
+def _direct_compress_ok(dy2d: torch.Tensor, padded: int) -> bool:
+    """Whether ``S(dYᵀ)`` ``(out, padded)`` can be written compressed by :func:`kernels.mvue_compress`:
+    unpadded dims, and :mod:`kernels.cslt_meta`'s layout is what this cuSPARSELt writes (checked once per dtype)."""
+    from kernels import cslt_meta
+
+    if dy2d.shape[1] % cslt_meta.ALIGN or padded % cslt_meta.ALIGN:
+        return False
+    dtype = dy2d.dtype
+    if dtype not in _meta_layout_ok:
+        gen = torch.Generator(device=dy2d.device).manual_seed(0)
+        dense = torch.randn(128, 192, generator=gen, device=dy2d.device).to(dtype)
+        idx = nm.kept_positions(nm.nm_mask(dense.abs().float(), 2, 4), 2, 4)
+        want = torch._cslt_compress(nm.scatter_kept(nm.gather_kept(dense, idx, 4), idx, 2, 4))
+        got = cslt_meta.compress_reference(nm.gather_kept(dense, idx, 4), idx)
+        _meta_layout_ok[dtype] = got.shape == want.shape and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    return _meta_layout_ok[dtype]
 
 
 def transpose_slots(idx: torch.Tensor, keep_t: torch.Tensor) -> torch.Tensor:
@@ -197,21 +216,29 @@ class CusparseltBackend(Backend):
             return torch.nn.functional.linear(x2d, ops.dense_operand("fwd"), bias)
         return _sparse_mm(ops.weight, x2d, bias, plan)
 
-    def grad_values(self, dy2d, x2d, idx, n, m, rand=None):
-        """With ``rand``: the MVUE weight gradient as a cuSPARSELt product, ``dW = S(dYᵀ) X``
-        with the 2:4 ``S(dYᵀ)`` compressed per call (the same numbers as the reference)."""
-        if rand is None:
+    def grad_values(self, dy2d, x2d, idx, n, m, mvue_key=None):
+        """With ``mvue_key``: the MVUE weight gradient as a cuSPARSELt product, ``dW = S(dYᵀ) X``
+        (the same numbers as the reference). Where the shapes compress unpadded, one Triton pass
+        writes ``S(dYᵀ)`` compressed (else cuSPARSELt compresses it); the product reads ``X`` as it is."""
+        if mvue_key is None:
             return super().grad_values(dy2d, x2d, idx, n, m)
         from . import cslt_binding
+        from .base import padded_tokens
 
-        dyt = mvue_grad_output(dy2d, rand)
-        packed = torch._cslt_compress(dyt)
-        xt = x2d.new_zeros(x2d.shape[1], dyt.shape[1])  # (in, padded tokens): k = tokens contiguous,
-        xt[:, : x2d.shape[0]].copy_(x2d.t())  # transposed and padded in one copy
-        if cslt_binding.available(xt.dtype, xt.device):
-            dense = cslt_binding.sparse_mm(packed, xt, None, False, 0)  # (out, in) row-major
+        padded = padded_tokens(dy2d.shape[0])
+        x2d = torch.nn.functional.pad(x2d, (0, 0, 0, padded - x2d.shape[0])) if padded > x2d.shape[0] else x2d
+        alg_id = 0
+        if _direct_compress_ok(dy2d, padded):
+            from kernels import mvue_compress
+
+            packed = mvue_compress(dy2d, mvue_key, padded)
+            alg_id = plan_for("dw_mvue", padded, dy2d.shape[1], x2d.shape[1], x2d.dtype).alg_id
         else:
-            dense = torch._cslt_sparse_mm(packed, xt.t(), transpose_result=False)
+            packed = torch._cslt_compress(mvue_grad_output(dy2d, mvue_key))
+        if cslt_binding.available(x2d.dtype, x2d.device):
+            dense = cslt_binding.sparse_mm(packed, x2d.contiguous(), None, False, alg_id, x_kn=True)
+        else:
+            dense = torch._cslt_sparse_mm(packed, x2d, alg_id=alg_id)  # (out, in) row-major
         return reduce_to_kept(dense, idx, n, m)
 
     def grad_input(self, ops: CompressedOperands, dy2d):

@@ -1,4 +1,4 @@
-"""Per-shape execution plans for a sparse layer's two products.
+"""Per-shape execution plans for a sparse layer's products (forward, input gradient, MVUE weight gradient).
 
 A plan says how one product runs: cuSPARSELt's algorithm id and whether cuSPARSELt
 writes the result transposed (row-major ``(tokens, features)``) or the backend copies it
@@ -48,7 +48,8 @@ def _shape_key(role: str, k: int, n: int, dtype: torch.dtype | str) -> tuple[str
 
 
 def plan_for(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
-    """The plan for ``(tokens, k) x (k, n)``; ``role`` is ``"fwd"`` or ``"dx"``. Tunes unseen shapes (see module doc)."""
+    """The plan for ``(tokens, k) x (k, n)``; ``role`` is ``"fwd"`` or ``"dx"``, or ``"dw_mvue"`` for
+    ``S (k, tokens) x X (tokens, n)``. Tunes unseen shapes (see module doc)."""
     if _default_only:
         return DEFAULT_PLAN
     memo_key = (role, tokens, k, n, dtype)
@@ -68,9 +69,10 @@ def _choose(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
         return plan
     if not (autotune_enabled() and torch.cuda.is_available()) or torch.cuda.is_current_stream_capturing():
         return DEFAULT_PLAN
-    from .tuning import tune_product
+    from .tuning import tune_mvue_dw, tune_product
 
-    plan, _ = tune_product(n, k, _bucket(tokens), dtype)
+    plan, _ = (tune_mvue_dw(k, n, _bucket(tokens), dtype) if role == "dw_mvue"
+               else tune_product(n, k, _bucket(tokens), dtype))
     log.info("dsparse: tuned %s (tokens %d, k %d, n %d, %s): %s", role, tokens, k, n, dtype, plan)
     set_plan(role, _bucket(tokens), k, n, dtype, plan)
     try:

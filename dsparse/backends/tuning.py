@@ -11,7 +11,8 @@ never within 30% of the best); the fastest few, the default and the dense GEMM a
 timed again. Results are checked against algorithm 0, so a broken algorithm is never
 chosen; times are eager (launch overhead included), which is what a training step pays.
 
-Used on first sight of an untuned shape by :func:`dsparse.backends.plans.plan_for`, and
+The MVUE weight gradient (``S(dYᵀ) X``, :func:`tune_mvue_dw`) is tuned the same way over
+cuSPARSELt's algorithms. Used on first sight of an untuned shape by :func:`dsparse.backends.plans.plan_for`, and
 by ``python -m bench.tune`` (with CUDA-graph timing of the finalists) to ship plans.
 """
 from __future__ import annotations
@@ -57,14 +58,43 @@ def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: b
     w_dense = nm.dense_from_kept(kept, idx, 2, 4).contiguous()
     x = torch.randn(tokens, k, device=device, dtype=dtype, generator=gen)
     want = _sparse_mm(packed, x, None, Plan(0, False)).float()
-    final = {**FINAL, "graph": graph}
 
     def run(plan: Plan) -> torch.Tensor:
         return torch.nn.functional.linear(x, w_dense) if plan.dense else _sparse_mm(packed, x, None, plan)
 
-    table: list[dict] = []
+    candidates = [Plan(alg, True) for alg in range(alg_count(packed, x))] + [Plan(0, False)]
+    return _pick(candidates + ([Plan(dense=True)] if dense else []), run, want, graph)
 
-    def screen(plan: Plan) -> None:
+
+def tune_mvue_dw(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, graph: bool = False
+                 ) -> tuple[Plan, list[dict]]:
+    """The fastest cuSPARSELt algorithm for the MVUE weight gradient ``S (rows, tokens) @ X (tokens, cols)``,
+    ``S`` 2:4 along the tokens and ``X`` read as it is (untransposed result: the gather of the kept
+    entries reads it row-major), on the current GPU, and every timing."""
+    from kernels import mvue_compress
+
+    from . import cslt_binding
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    if not cslt_binding.available(dtype, device):
+        return Plan(), []  # torch's op then runs it on algorithm 0
+    gen = torch.Generator(device=device).manual_seed(0)
+    dy = torch.randn(tokens, rows, device=device, dtype=dtype, generator=gen)
+    packed = mvue_compress(dy, 0, tokens)
+    x = torch.randn(tokens, cols, device=device, dtype=dtype, generator=gen)
+
+    def run(plan: Plan) -> torch.Tensor:
+        return cslt_binding.sparse_mm(packed, x, None, False, plan.alg_id, x_kn=True)
+
+    count = cslt_binding.alg_count(rows, tokens, cols, dtype, False)
+    return _pick([Plan(alg) for alg in range(count)], run, run(Plan()).float(), graph)
+
+
+def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple[Plan, list[dict]]:
+    """Screen ``candidates`` (results checked against ``want``), re-time the fastest few with the
+    default and the dense GEMM, and return the best (a dense winner keeps the best sparse algorithm)."""
+    table: list[dict] = []
+    for plan in candidates:
         row = {"alg_id": plan.alg_id, "transpose_result": plan.transpose_result, "dense": plan.dense}
         try:
             err = ((run(plan).float() - want).norm() / want.norm()).item()
@@ -75,22 +105,15 @@ def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: b
         except RuntimeError as e:  # an algorithm this shape does not support
             row["error"] = str(e).splitlines()[0]
         table.append(row)
-
-    for alg in range(alg_count(packed, x)):
-        screen(Plan(alg, True))
-    screen(Plan(0, False))
-    if dense:
-        screen(Plan(dense=True))
     screened = sorted((r for r in table if "screen_ms" in r), key=lambda r: r["screen_ms"])
     finalists = [r for r in screened[:FINALISTS] if r["screen_ms"] <= NEAR * screened[0]["screen_ms"]]
     for r in table:  # the default and the dense GEMM are always timed, to compare
         if "screen_ms" in r and r not in finalists and (r["dense"] or (r["alg_id"], r["transpose_result"]) == (0, False)):
             finalists.append(r)
     for r in finalists:
-        r["ms"] = time_ms(lambda: run(_plan(r)), **final)
+        r["ms"] = time_ms(lambda: run(_plan(r)), **FINAL, graph=graph)
     best_sparse = min((r for r in finalists if not r["dense"]), key=lambda r: r["ms"])
     best = min(finalists, key=lambda r: r["ms"])
-    # a dense winner keeps the best sparse algorithm: what runs where no dense operand may be kept (inference)
     return Plan(best_sparse["alg_id"], best_sparse["transpose_result"], dense=best["dense"]), table
 
 

@@ -60,8 +60,8 @@ class _SparseLinearFunction(torch.autograd.Function):
             _, ops = layer._operands()
             dx = ctx.backend.grad_input(ops, dy2d).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            rand = layer._mvue_rand(dy2d) if layer.mvue_dw else None
-            dvalues = ctx.backend.grad_values(dy2d, x2d, layer.idx, layer.n, layer.m, rand)
+            key = layer._mvue_key() if layer.mvue_dw else None
+            dvalues = ctx.backend.grad_values(dy2d, x2d, layer.idx, layer.n, layer.m, key)
             dparam = layer._param_grad(dvalues)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2d.sum(0)
@@ -299,15 +299,12 @@ class SparseLinear(nn.Module):
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             param.requires_grad_(False)
 
-    def _mvue_rand(self, dy2d: torch.Tensor) -> torch.Tensor:
-        """Uniform numbers for the MVUE weight gradient of this micro-batch, from a generator seeded
-        by (layer seed, optimizer step, micro-batch): reproducible, and independent of the global RNG."""
-        from ..backends.base import padded_tokens
-
-        seed = hash((self.mvue_seed, self._host_step, self._mvue_calls)) & (2**63 - 1)
+    def _mvue_key(self) -> int:
+        """The draw key of this micro-batch's MVUE weight gradient: a function of (layer seed, optimizer
+        step, micro-batch) only, so runs and resumes reproduce it, independent of the global RNG."""
+        key = nm.mvue_key(self.mvue_seed, self._host_step, self._mvue_calls)
         self._mvue_calls += 1
-        gen = torch.Generator(device=dy2d.device).manual_seed(seed)
-        return torch.rand(self.out_features, padded_tokens(dy2d.shape[0]) // 2, generator=gen, device=dy2d.device)
+        return key
 
     def mark_values_changed(self) -> None:
         """Tell the layer its values changed behind autograd's back (refreshes the operands on next use)."""

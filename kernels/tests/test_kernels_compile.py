@@ -7,7 +7,8 @@ are captured, not run, so the arguments are specialized exactly as on the GPU.
 import pytest
 import torch
 
-from kernels import (bias_add, gather_kept, lowrank_addmm, mvue_transpose, rms_norm_backward, rms_norm_forward,
+from kernels import (bias_add, gather_kept, lowrank_addmm, mvue_compress, mvue_transpose, rms_norm_backward,
+                     rms_norm_forward,
                      rope_backward, rope_forward, silu_mul_backward, silu_mul_forward, transpose_keep_and_slots,
                      transpose_values)
 from kernels._testing import random_keep_t, random_kept
@@ -66,8 +67,9 @@ def test_gather_kept_compiles(arch, dtype):
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mvue_transpose_compiles(arch, dtype):
-    _compile(lambda: mvue_transpose(torch.zeros(40, 64, dtype=dtype), torch.zeros(64, 24), 48), arch)
+def test_mvue_kernels_compile(arch, dtype):
+    _compile(lambda: mvue_transpose(torch.zeros(40, 64, dtype=dtype), 12345, 48), arch)
+    _compile(lambda: mvue_compress(torch.zeros(40, 64, dtype=dtype), 12345, 64), arch)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -112,3 +114,13 @@ def test_small_test_configs_compile():
     b = torch.zeros(72, 70, dtype=torch.bfloat16)
     _compile(lambda: lowrank_addmm(y, u, b, 0.5, config={"BLOCK_T": 16, "BLOCK_N": 32, "num_warps": 1}), 90,
              IEEE=False)
+
+
+def test_launch_specialization_keys_what_triton_compiles_for():
+    from kernels._triton import _specialization
+
+    t = torch.zeros(8)
+    assert _specialization(t) == (torch.float32, True) and _specialization(t[1:]) == (torch.float32, False)
+    assert _specialization(1) != _specialization(17) and _specialization(16) == _specialization(32)
+    assert _specialization(17) == _specialization(3) and _specialization(2**31) != _specialization(16)
+    assert _specialization(True) != _specialization(1) and _specialization(0.5) == _specialization(2.0)

@@ -28,3 +28,22 @@ def test_gather_kept_rejects_bad_shapes():
         gather_kept(torch.randn(4, 6), torch.zeros(4, 3, dtype=torch.uint8), 2, 4)
     with pytest.raises(ValueError, match="idx must have shape"):
         gather_kept(torch.randn(4, 8), torch.zeros(4, 3, dtype=torch.uint8), 2, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_repeated_launches_go_straight_to_the_compiled_kernel_and_stay_exact():
+    from kernels import gather as module
+
+    module._KERNEL._compiled.clear()
+    for rows, cols, offset in [(64, 128, 0), (64, 128, 0), (48, 96, 0), (64, 128, 1), (33, 40, 0), (64, 128, 0)]:
+        dense = torch.randn(rows * cols + offset, device="cuda")[offset:].view(rows, cols)  # offset 1: misaligned
+        idx = _positions(rows, cols)
+        assert torch.equal(gather_kept(dense, idx, 2, 4), gather_kept_reference(dense, idx, 2, 4))
+    # (64, 128) and (48, 96): sizes multiple of 16, aligned; (64, 128, 1): misaligned; (33, 40): other sizes
+    assert len(module._KERNEL._compiled) == 3
+
+
+def _positions(rows: int, cols: int) -> torch.Tensor:
+    scores = torch.rand(rows, cols // 4, 4, device="cuda")
+    return scores.topk(2, dim=-1).indices.sort(dim=-1).values.to(torch.uint8).reshape(rows, cols // 2)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dsparse import nm
-from kernels import mvue_transpose, mvue_transpose_reference
+from kernels import mvue_compress, mvue_compress_reference, mvue_transpose, mvue_transpose_reference
 
 
 @pytest.mark.parametrize("tokens, cols, padded", [(16, 32, 16), (18, 48, 32), (7, 20, 8), (33, 16, 48)])
@@ -12,19 +12,48 @@ def test_mvue_transpose_equals_torch(tokens, cols, padded, dtype, device):
     dy = torch.randn(tokens, cols, generator=gen).to(dtype)
     dy[0, :3] = 0.0  # zero pairs and pairs with one zero
     dy[1, :2] = 0.0
-    rand = torch.rand(cols, padded // 2, generator=gen)
-    dy, rand = dy.to(device), rand.to(device)
-    want = mvue_transpose_reference(dy, rand, padded)
+    key = nm.mvue_key(tokens, cols)
+    dy = dy.to(device)
+    want = mvue_transpose_reference(dy, key, padded)
     padded_dy = torch.nn.functional.pad(dy, (0, 0, 0, padded - tokens))
-    assert torch.equal(want, nm.mvue_pairs(padded_dy.t(), rand))
-    got = mvue_transpose(dy, rand, padded, config={"BLOCK_C": 16, "BLOCK_P": 8})
+    assert torch.equal(want, nm.mvue_pairs(padded_dy.t(), nm.mvue_uniform(key, cols, padded // 2, device)))
+    got = mvue_transpose(dy, key, padded, config={"BLOCK_C": 16, "BLOCK_P": 8})
     assert got.dtype == dtype and got.shape == (cols, padded)
     assert torch.equal(got, want)
-    assert torch.equal(mvue_transpose(dy.t().contiguous().t(), rand, padded), want)  # strided input
+    assert torch.equal(mvue_transpose(dy.t().contiguous().t(), key, padded), want)  # strided input
+    assert not torch.equal(mvue_transpose(dy, key + 1, padded), want)  # another key draws anew
 
 
 def test_mvue_transpose_rejects_bad_arguments():
     with pytest.raises(ValueError, match="must be even and at least"):
-        mvue_transpose(torch.randn(8, 4), torch.rand(4, 2), 6)
-    with pytest.raises(ValueError, match="rand must have shape"):
-        mvue_transpose(torch.randn(8, 4), torch.rand(4, 3), 8)
+        mvue_transpose(torch.randn(8, 4), 0, 6)
+    with pytest.raises(ValueError, match="key must be in"):
+        mvue_transpose(torch.randn(8, 4), -1, 8)
+
+
+@pytest.mark.parametrize("tokens, cols, padded", [(64, 64, 64), (60, 128, 64), (130, 64, 192)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mvue_compress_equals_torch(tokens, cols, padded, dtype, device):
+    gen = torch.Generator().manual_seed(tokens + cols)
+    dy = torch.randn(tokens, cols, generator=gen).to(dtype)
+    dy[0, :3] = 0.0  # a pair of zeros keeps its first entry
+    dy[2:4, 5] = 0.0
+    key = nm.mvue_key(tokens, cols, 7)
+    dy = dy.to(device)
+    want = mvue_compress_reference(dy, key, padded)
+    got = mvue_compress(dy, key, padded, config={"BLOCK_C": 32, "BLOCK_P": 16})
+    assert got.shape == (cols, padded // 2 + padded // 16) and got.dtype == dtype
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(mvue_compress(dy, key, padded).view(torch.uint8), want.view(torch.uint8))  # default tiles
+    if device == "cuda":  # cuSPARSELt reads it as S (its own compress may place a zero group's slots elsewhere)
+        eye = torch.eye(padded, dtype=dtype, device=device)
+        assert torch.equal(torch._cslt_sparse_mm(got, eye), mvue_transpose(dy, key, padded))
+
+
+def test_mvue_compress_rejects_shapes_cusparselt_pads_and_other_dtypes():
+    with pytest.raises(ValueError, match="multiples of 64"):
+        mvue_compress(torch.randn(64, 48).half(), 0, 64)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        mvue_compress(torch.randn(30, 64).half(), 0, 32)
+    with pytest.raises(TypeError, match="fp16 or bf16"):
+        mvue_compress(torch.randn(64, 64), 0, 64)
