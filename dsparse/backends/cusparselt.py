@@ -112,8 +112,9 @@ def _direct_compress_ok(dy2d: torch.Tensor, padded: int) -> bool:
         gen = torch.Generator(device=dy2d.device).manual_seed(0)
         dense = torch.randn(128, 192, generator=gen, device=dy2d.device).to(dtype)
         idx = nm.kept_positions(nm.nm_mask(dense.abs().float(), 2, 4), 2, 4)
-        want = torch._cslt_compress(nm.scatter_kept(nm.gather_kept(dense, idx, 4), idx, 2, 4))
-        got = cslt_meta.compress_reference(nm.gather_kept(dense, idx, 4), idx)
+        kept = nm.gather_kept(dense, idx, 4)
+        want = torch._cslt_compress(nm.scatter_kept(kept, idx, 2, 4))
+        got = cslt_meta.compress_reference(kept, idx)
         _meta_layout_ok[dtype] = got.shape == want.shape and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     return _meta_layout_ok[dtype]
 
