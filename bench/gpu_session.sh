@@ -14,11 +14,14 @@
 #   overlap      the llama-1b step of 'step' without ZeRO's overlap_comm (it synchronizes the GPU at each bucket flush)
 #   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
 #   profile      the llama-1b step of 'step', dense and dsparse, under torch.profiler: GPU time by kernel category
-#                and GPU idle time (replaces earlier profiles; profile-more and profile-overlap add to it)
+#                and GPU idle time, then under cProfile: host time by function (replaces earlier profiles; profile-more and profile-overlap add to it)
 #   profile-more the same with torch's threaded backward, and that without the fused RMSNorm/SwiGLU
+#   profile-mvue dense, dsparse and dsparse+MVUE profiled the same way, apart (engine_<gpu>_mvue_profile.json)
 #   profile-overlap  the same without ZeRO's overlap_comm: where the GPU idles, with and without its syncs
 #   mvue         dense, dsparse and dsparse with MVUE weight gradients (sparse dW GEMMs), llama-1b, 30 steps each,
 #                interleaved $REPEATS (1) times, pooled
+#   syncs        dense, dsparse and dsparse+MVUE, llama-1b, with DeepSpeed's per-step host syncs and without
+#                (the default), interleaved $REPEATS (1) times, pooled
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
@@ -41,10 +44,10 @@ step() {  # step GPUS MODEL LABEL ARGS...: one timed engine run into $runs/MODEL
   local gpus=$1 model=$2 label=$3; shift 3
   timeout 140 "$DS" --num_gpus "$gpus" bench/step.py --model "$model" --out "$runs/${model}_${label}.json" "$@"
 }
-profile() {  # profile MODE SUFFIX [ARGS]: a short run of the llama-1b step with two steps profiled
+profile() {  # profile MODE SUFFIX [ARGS]: a short run of the llama-1b step with two steps profiled, into $runs/${dir:-profile}
   local mode=$1 suffix=$2; shift 2
-  timeout 140 "$DS" --num_gpus 1 bench/step.py --model llama-1b --mode "$mode" --warmup 3 --steps 5 --profile 2 \
-    --out "$runs/profile/llama-1b_${mode}${suffix}.json" "$@"
+  timeout 140 "$DS" --num_gpus 1 bench/step.py --model llama-1b --mode "$mode" --warmup 3 --steps 5 --profile 2 --host_profile 2 \
+    --out "$runs/${dir:-profile}/llama-1b_${mode}${suffix}.json" "$@"
 }
 merge() {  # merge RESULT FILES...
   local result=$1; shift
@@ -89,6 +92,9 @@ for part in "$@"; do
     profile-more) for m in dense sparse; do profile $m _threaded --autograd_threads
                     profile $m _unfused_threaded --fusion off --autograd_threads; done
                   merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
+    profile-mvue) dir=profile_mvue; mkdir -p $runs/$dir; rm -f $runs/$dir/*.json
+                  profile dense ""; profile sparse ""; profile sparse _mvue --mvue_dw; dir=
+                  merge bench/results/engine_${gpu}_mvue_profile.json $runs/profile_mvue/llama-1b_*.json ;;
     profile-overlap) for m in dense sparse; do profile $m _no_overlap --overlap_comm off; done
                   merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
     mvue)         mkdir -p $runs/llama-1b_mvue; rm -f $runs/llama-1b_mvue/*.json
@@ -96,6 +102,11 @@ for part in "$@"; do
                     for m in dense sparse; do step 1 llama-1b mvue/${m}_$i --mode $m --steps 30; done
                     step 1 llama-1b mvue/sparse_mvue_$i --mode sparse --mvue_dw --steps 30; done
                   merge bench/results/engine_${gpu}_mvue.json $runs/llama-1b_mvue/*.json ;;
+    syncs)        mkdir -p $runs/llama-1b_syncs; rm -f $runs/llama-1b_syncs/*.json
+                  for i in $(seq "${REPEATS:-1}"); do for h in on off; do
+                    for m in dense sparse; do step 1 llama-1b syncs/${m}_h${h}_$i --mode $m --steps 20 --host_syncs $h; done
+                    step 1 llama-1b syncs/sparse_mvue_h${h}_$i --mode sparse --mvue_dw --steps 20 --host_syncs $h; done; done
+                  merge bench/results/engine_${gpu}_syncs.json $runs/llama-1b_syncs/*.json ;;
     memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;

@@ -9,6 +9,9 @@ RoPE kernels (:func:`dsparse.fuse_model`; the prefill, not the few-row decode st
 ``--fusion off``.
 
     python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 16
+
+``--profile`` adds each model's prefill GPU time by kernel category (torch.profiler, after the
+timing): how much of a prefill the sparse GEMMs can shorten at all, and what adapters add.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import tempfile
 
 import torch
 
-from bench.common import gpu_tag, time_ms, write_result
+from bench.common import gpu_tag, kernel_breakdown, time_ms, write_result
 from dsparse import fuse_model, fused_counts, sparse_modules, sparsify
 from dsparse.export import export_model, load_for_inference
 from dsparse.models import build_model
@@ -43,9 +46,17 @@ def measure(model, args, device) -> dict:
         generate = lambda: model.generate(short, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,  # noqa: E731
                                           do_sample=False, pad_token_id=0)
         decode = time_ms(generate, warmup=1, iters=max(3, args.iters // 3), inner=1)
-    return {"prefill_ms": prefill, "prefill_tokens_per_s": args.batch * args.prompt / prefill * 1e3,
-            "decode_ms": decode, "decode_tokens_per_s": args.batch * args.new_tokens / decode * 1e3,
-            "weight_gib": weight_bytes(model) / 2**30, "fused_blocks": fused_counts(model)}
+    result = {"prefill_ms": prefill, "prefill_tokens_per_s": args.batch * args.prompt / prefill * 1e3,
+              "decode_ms": decode, "decode_tokens_per_s": args.batch * args.new_tokens / decode * 1e3,
+              "weight_gib": weight_bytes(model) / 2**30, "fused_blocks": fused_counts(model)}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids)
+            torch.cuda.synchronize()
+        result["prefill_profile"] = kernel_breakdown(prof, 1)
+    return result
 
 
 def _write(results: dict, args: argparse.Namespace) -> None:
@@ -72,8 +83,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--fusion", choices=["on", "off"], default="on", help="fused RMSNorm / SwiGLU / RoPE kernels")
+    parser.add_argument("--profile", action="store_true", help="also one prefill per model under torch.profiler")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.profile and not args.device.startswith("cuda"):
+        parser.error("--profile profiles CUDA kernels: it needs --device cuda")
     fuse = fuse_model if args.fusion == "on" else (lambda model: None)
     device = torch.device(args.device)
     dtype = torch.bfloat16

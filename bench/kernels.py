@@ -6,6 +6,8 @@
 * ``transpose_keep_and_slots`` (mask change) vs ``nm.transpose_keep`` + ``transpose_slots``;
 * ``lowrank_addmm`` (``y + scale * u @ bᵀ + bias``) vs ``torch.addmm`` (+ bias), and
   ``bias_add`` vs ``y + bias``;
+* ``mvue_compress`` (MVUE ``S(dYᵀ)`` written straight into cuSPARSELt's layout) against a copy of
+  ``dY`` (the bandwidth it could reach), with a sweep of tile configs;
 * the fused RMSNorm and SwiGLU gate (:mod:`dsparse.nn.fused`) vs HF's ``LlamaRMSNorm`` and
   ``silu(g) * u``, forward + backward through autograd (eager, so autograd's host time counts
   too; the step profiles of ``bench.step --profile`` give the kernels' own GPU time), at
@@ -30,6 +32,7 @@ from dsparse import nm
 from dsparse.backends.cusparselt import _transpose_values, transpose_slots
 from kernels import bias_add, lowrank_addmm, transpose_keep_and_slots, transpose_values
 from kernels import lowrank as lowrank_mod
+from kernels import mvue as mvue_mod
 from kernels import masks as masks_mod
 from kernels import refresh as refresh_mod
 
@@ -46,6 +49,16 @@ MASK_CONFIGS = [
     {"BLOCK_H": 16, "BLOCK_G": 16, "num_warps": 4},
     {"BLOCK_H": 32, "BLOCK_G": 16, "num_warps": 4},
     {"BLOCK_H": 32, "BLOCK_G": 32, "num_warps": 8},
+]
+MVUE_CONFIGS = [
+    {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 4},
+    {"BLOCK_C": 64, "BLOCK_P": 64, "num_warps": 4},
+    {"BLOCK_C": 128, "BLOCK_P": 32, "num_warps": 4},
+    {"BLOCK_C": 128, "BLOCK_P": 64, "num_warps": 8},
+    {"BLOCK_C": 256, "BLOCK_P": 16, "num_warps": 4},
+    {"BLOCK_C": 256, "BLOCK_P": 32, "num_warps": 8},
+    {"BLOCK_C": 128, "BLOCK_P": 128, "num_warps": 8},
+    {"BLOCK_C": 32, "BLOCK_P": 128, "num_warps": 4},
 ]
 LOWRANK_CONFIGS = [
     {"BLOCK_T": 128, "BLOCK_N": 128, "num_warps": 8},
@@ -191,6 +204,29 @@ def bench_gather(in_f: int, out_f: int, dtype, device, timer) -> dict:
     return row
 
 
+def bench_mvue(tokens: int, out_f: int, dtype, device, timer, sweep: bool) -> dict:
+    """``mvue_compress`` of a ``(tokens, out)`` output gradient (checked bit for bit against its torch
+    reference) vs ``dy.clone()``, which moves about as many bytes (reads dY, writes half plus metadata)."""
+    from kernels import mvue_compress, mvue_compress_reference
+
+    gen = torch.Generator(device=device).manual_seed(3)
+    dy = torch.randn(tokens, out_f, generator=gen, device=device).to(dtype)
+    key = nm.mvue_key(0, 1, 2)
+    packed = mvue_compress(dy, key, tokens)
+    assert torch.equal(packed.view(torch.uint8), mvue_compress_reference(dy, key, tokens).view(torch.uint8))
+    moved = _nbytes(dy, packed)
+    timings = []
+    for cfg in (MVUE_CONFIGS if sweep else [mvue_mod.CONFIG]):
+        ms = timer(lambda: mvue_compress(dy, key, tokens, config=cfg))
+        timings.append({"config": cfg, "ms": ms, "gbps": _gbps(moved, ms)})
+    copy_ms = timer(lambda: dy.clone())
+    default = next(t for t in timings if t["config"] == mvue_mod.CONFIG) if sweep else timings[0]
+    best = _best(timings)
+    return {"tokens": tokens, "out": out_f, "kernel_ms": default["ms"], "kernel_gbps": default["gbps"],
+            "copy_ms": copy_ms, "copy_gbps": _gbps(2 * _nbytes(dy), copy_ms), "best_config": best["config"],
+            "best_ms": best["ms"], "best_gbps": best["gbps"], "sweep": timings}
+
+
 def bench_fused(tokens: int, hidden: int, inter: int, dtype, device, timer) -> dict:
     """Forward + backward of HF's RMSNorm, SwiGLU gate and rotary embedding (queries and keys of 64-wide
     heads, keys grouped 8:1 as llama-1b's, batch 8) vs the fused ones (same inputs, results checked)."""
@@ -248,6 +284,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--lowrank", default="8192,4096,64", help="tokens,out,r")
     parser.add_argument("--fused", default="16384,2048,5632", help="tokens,hidden,intermediate of the fused blocks")
+    parser.add_argument("--mvue", default="16384x5632,16384x2048", help="tokens x out of mvue_compress, comma-separated")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tile configs only")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU through the Triton interpreter (checks the script, times nothing)")
@@ -260,6 +297,7 @@ def main() -> None:
     if args.dry_run:
         device, timer, sweep = "cpu", _wall_ms, not args.no_sweep
         shapes, (tokens, lr_out, rank), fused_shape = [(64, 48)], (32, 48, 8), (8, 64, 96)
+        args.mvue = "64x64"
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench.kernels needs a CUDA GPU (or --dry-run to check the script on the CPU)")
@@ -284,13 +322,21 @@ def main() -> None:
           f"({lr['kernel_gbps']:.0f} GB/s) vs addmm {lr['torch_addmm_ms']:.3f} ms = {lr['speedup_vs_addmm']:.2f}x; "
           f"with bias {lr['kernel_bias_ms']:.3f} vs {lr['torch_addmm_bias_ms']:.3f} ms; best {lr['best_config']}; "
           f"max err kernel {lr['kernel_max_abs_err']:.3g} torch {lr['torch_max_abs_err']:.3g}", flush=True)
+    mvue = []
+    for shape in args.mvue.split(","):
+        mvue.append({"dtype": args.dtype, **bench_mvue(*(int(v) for v in shape.split("x")), dtype, device, timer, sweep)})
+        m = mvue[-1]
+        print(f"mvue_compress {shape} {args.dtype}: {m['kernel_ms']:.3f} ms ({m['kernel_gbps']:.0f} GB/s) vs copy "
+              f"{m['copy_ms']:.3f} ms ({m['copy_gbps']:.0f} GB/s); best {m['best_config']} {m['best_ms']:.3f} ms "
+              f"({m['best_gbps']:.0f} GB/s)", flush=True)
     fused = {"dtype": args.dtype, **bench_fused(*fused_shape, dtype, device, timer)}
     print(f"fused fwd+bwd {fused_shape}: RMSNorm {fused['rms_norm_fused_ms']:.3f} vs HF {fused['rms_norm_hf_ms']:.3f} ms "
           f"= {fused['rms_norm_speedup']:.1f}x | SwiGLU gate {fused['swiglu_fused_ms']:.3f} vs "
           f"{fused['swiglu_hf_ms']:.3f} ms = {fused['swiglu_speedup']:.1f}x | RoPE {fused['rope_fused_ms']:.3f} vs "
           f"{fused['rope_hf_ms']:.3f} ms = {fused['rope_speedup']:.1f}x", flush=True)
-    payload = {"refresh": rows, "lowrank": lr, "fused": fused,
-               "defaults": {"refresh": refresh_mod.CONFIG, "mask": masks_mod.CONFIG, "lowrank": lowrank_mod.CONFIG}}
+    payload = {"refresh": rows, "lowrank": lr, "mvue": mvue, "fused": fused,
+               "defaults": {"refresh": refresh_mod.CONFIG, "mask": masks_mod.CONFIG, "lowrank": lowrank_mod.CONFIG,
+                            "mvue": mvue_mod.CONFIG}}
     if args.dry_run:
         print("dry run: nothing written")
         return

@@ -45,12 +45,17 @@ def layer_table() -> list[str]:
 def kernel_table() -> list[str]:
     lines = []
     for name, data in _load("bench/results/kernels_*.json"):
-        lines += [f"**Kernels** (`{name}`; {_env(data['environment'])})", "",
+        lines += [f"**Kernels** (`{name}`; {_env(data['environment'])})",
+                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []), "",
                   "| what | shape | Triton | torch | speedup |", "|---|---|---|---|---|"]
         for r in data.get("refresh", []):
             lines.append(f"| W̃ᵀ + W refresh after a step | {r['in']}x{r['out']} {r['dtype']} | "
                          f"{r['full_refresh_kernel_ms']:.3f} ms | {r['full_refresh_torch_ms']:.3f} ms | "
                          f"{r['full_refresh_speedup']:.1f}x |")
+        for r in data.get("mvue", []):
+            lines.append(f"| MVUE S(dYᵀ) written compressed (vs a copy of dY: the bandwidth bound) | {r['tokens']} tokens x "
+                         f"{r['out']} {r['dtype']} | {r['kernel_ms']:.3f} ms | {r['copy_ms']:.3f} ms | "
+                         f"{r['copy_ms'] / r['kernel_ms']:.2f}x |")
         fused = data.get("fused")
         if fused:
             shape = f"{fused['tokens']} tokens, {fused['hidden']} / {fused['inter']} {fused['dtype']}"
@@ -79,6 +84,8 @@ def engine_table() -> list[str]:
         for mode, run in data["runs"].items():
             ratio = data["vs_dense"].get(mode)
             rel = f"{ratio['speedup']:.2f}x speed, {ratio['memory_ratio']:.2f}x memory" if ratio else "-"
+            if ratio and "speedup_back_to_back" in ratio:
+                rel += f" ({ratio['speedup_back_to_back']:.2f}x back to back)"
             repeats = run.get("repeat_medians")
             each = f" ({len(repeats)} runs: {', '.join(f'{t * 1e3:.0f}' for t in repeats)})" if repeats else ""
             lines.append(f"| {mode} | {run['gpus']} | {run['step_s_median'] * 1e3:.0f} ms{each} | {run['tokens_per_s']:.0f} | "

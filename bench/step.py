@@ -6,8 +6,9 @@ One process group per mode (peak memory must not mix), e.g. on one GPU::
     python -m bench.step --merge /tmp/step_dense.json /tmp/step_sparse.json --result bench/results/engine_h100.json
 
 Each run builds the model from a preset (random weights, random tokens), trains
-``--warmup`` steps, then times ``--steps`` optimizer steps (median, CUDA-synchronised)
-and records peak GPU memory and dsparse's memory report. ``--merge`` writes all runs and
+``--warmup`` steps, then times ``--steps`` optimizer steps (median, CUDA-synchronised after
+each), then as many back to back (one sync at the end: a training loop's throughput), and
+records peak GPU memory and dsparse's memory report. ``--merge`` writes all runs and
 each one's ratios against the dense run of the same kind (dense / sparse for time,
 sparse / dense for memory; ``--grad_ckpt`` runs against the dense ``--grad_ckpt`` run, ``--fusion off``
 runs against the unfused dense run, ``--autograd_threads`` runs against the dense one) to one JSON.
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> None:
         "steps_per_print": 10**9,
         "fusion": {"enabled": args.fusion != "off", "rope": args.fusion != "no-rope"},
         "autograd": {"multithreading": args.autograd_threads},
+        # --host_syncs off: no host read in the ZeRO step, no device sync in DeepSpeed's throughput timer
+        "step": {"sync_free": args.host_syncs == "off"},
+        "timers": {"throughput": {"synchronized": args.host_syncs == "on"}},
     }
     if args.mode != "dense":
         config["sparsity"] = {"backend": "cusparselt", "mask_change_freq": 100, "double_prune": args.mode != "static",
@@ -102,6 +106,11 @@ def run(args: argparse.Namespace) -> None:
             host_steps[f"{phase}_ms"].append(round(1e3 * (b[0] - a[0]), 3))
             host_steps[f"{phase}_cpu_ms"].append(round(1e3 * (b[1] - a[1]), 3))
     step_s = sorted(times)[len(times) // 2]
+    start = time.perf_counter()  # then as a training loop runs: back to back, one sync at the end
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    back_to_back_s = (time.perf_counter() - start) / args.steps
     host_ms = {phase: sorted(host_steps[f"{phase}_ms"])[len(times) // 2] for phase in phases}
     alloc_after = torch.cuda.memory_stats()
     allocator = {key: alloc_after.get(key, 0) - alloc_before.get(key, 0) for key in ALLOCATOR_EVENTS}
@@ -124,6 +133,7 @@ def run(args: argparse.Namespace) -> None:
               "autograd_multithreading": args.autograd_threads, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,  # in step order
+              "step_s_back_to_back": back_to_back_s, "host_syncs": args.host_syncs == "on",
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
               "memory_report": dsparse.memory_report(engine), "allocator_events": allocator,
               "host_issue_ms": host_ms, "host_issue_by_step": host_steps,
@@ -137,7 +147,8 @@ def run(args: argparse.Namespace) -> None:
         result["environment"] = environment()
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"{args.mode}: {step_s * 1e3:.1f} ms/step, {tokens / step_s:.0f} tokens/s, "
+        print(f"{args.mode}: {step_s * 1e3:.1f} ms/step ({back_to_back_s * 1e3:.1f} back to back), "
+              f"{tokens / step_s:.0f} tokens/s, "
               f"peak {result['peak_memory_gib']:.2f} GiB", flush=True)
 
 
@@ -167,13 +178,15 @@ def _label(row: dict) -> str:
     ``+mvue`` with MVUE weight gradients, ``+unfused`` without the fused RMSNorm/SwiGLU/RoPE kernels, ``+no-rope`` with RMSNorm/SwiGLU only
     (every fused run from before RoPE was), ``+threaded`` with backward on autograd's device thread
     (torch's default, and every run from before the flag), ``+no-overlap`` without ZeRO's overlap_comm,
-    ``xN`` GPUs."""
+    ``+host-syncs`` with DeepSpeed's host-read step checks and synchronized throughput timer (every run from
+    before the flag), ``xN`` GPUs."""
     threaded = row.get("autograd_multithreading", True)
     fused = row.get("fused", False)
     return (row["mode"] + ("+mvue" if row.get("mvue_dw") and row["mode"] != "dense" else "")
             + ("+grad_ckpt" if row.get("grad_ckpt") else "")
             + ("+unfused" if not fused else "+no-rope" if not row.get("fused_blocks", {}).get("rope") else "")
             + ("+threaded" if threaded else "") + ("+no-overlap" if row.get("overlap_comm") is False else "")
+            + ("+host-syncs" if row.get("host_syncs", True) else "")
             + (f"x{row['gpus']}" if row["gpus"] > 1 else ""))
 
 
@@ -187,6 +200,8 @@ def _pool(rows: list[dict]) -> dict:
               "step_s_median": steps[len(steps) // 2], "repeat_medians": [row["step_s_median"] for row in rows],
               "peak_memory_gib": max(row["peak_memory_gib"] for row in rows)}
     pooled["tokens_per_s"] = rows[0]["tokens_per_s"] * rows[0]["step_s_median"] / pooled["step_s_median"]
+    if all("step_s_back_to_back" in row for row in rows):
+        pooled["step_s_back_to_back"] = sorted(row["step_s_back_to_back"] for row in rows)[len(rows) // 2]
     return pooled
 
 
@@ -209,6 +224,8 @@ def merge(paths: list[str], result_path: str) -> None:
         if row["mode"] != "dense" and dense is not None:
             ratios[label] = {"speedup": dense["step_s_median"] / row["step_s_median"],
                              "memory_ratio": row["peak_memory_gib"] / dense["peak_memory_gib"]}
+            if "step_s_back_to_back" in row and "step_s_back_to_back" in dense:
+                ratios[label]["speedup_back_to_back"] = dense["step_s_back_to_back"] / row["step_s_back_to_back"]
     write_result(result_path, {"measured_environment": env, "runs": runs, "vs_dense": ratios})
     print(json.dumps(ratios, indent=1))
 
@@ -233,6 +250,9 @@ def main() -> None:
     parser.add_argument("--overlap_comm", choices=["on", "off"], default="on",
                         help="ZeRO's overlap_comm (on CUDA, DeepSpeed 0.19.8 synchronizes the device at every "
                              "gradient-bucket flush with it on)")
+    parser.add_argument("--host_syncs", choices=["on", "off"], default="off",
+                        help="on: DeepSpeed's host-read inf/NaN and clip checks and its synchronized throughput "
+                             "timer (config 'step': {'sync_free': false}); off: none (the dsparse default)")
     parser.add_argument("--autograd_threads", action="store_true",
                         help="run backward on autograd's device thread (torch's default; config 'autograd')")
     parser.add_argument("--warmup", type=int, default=5)

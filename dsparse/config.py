@@ -1,4 +1,4 @@
-"""dsparse's sections of a DeepSpeed config (``"sparsity"``, ``"fusion"``, ``"autograd"``), validated with
+"""dsparse's sections of a DeepSpeed config (``"sparsity"``, ``"fusion"``, ``"autograd"``, ``"step"``), validated with
 errors that name the fix.
 
 Example (every key optional)::
@@ -16,14 +16,15 @@ Example (every key optional)::
         "adapters": {"rank_fraction": 0.0156, "alpha": 1.0, "start": 0.99, "weight_decay": 0.0}
     },
     "fusion": {"enabled": "auto", "rms_norm": true, "swiglu": true, "rope": true, "min_rows": 256},
-    "autograd": {"multithreading": false}
+    "autograd": {"multithreading": false},
+    "step": {"sync_free": true}
 """
 from __future__ import annotations
 
 import difflib
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from .backends import check_backend_name
 from .nm import parse_pattern
@@ -207,8 +208,23 @@ class FusionConfig:
         return on_cuda if self.enabled == "auto" else bool(self.enabled)
 
 
+class _Switches:
+    """A config section of true/false switches (a dataclass of bools) named ``SECTION``."""
+
+    SECTION: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, section: dict[str, Any] | None):
+        """Validate the section's dict; unknown or misspelt keys and non-bool values are errors."""
+        section = dict(section or {})
+        _check_keys(cls.SECTION, section, [f.name for f in fields(cls)])
+        for key, value in section.items():
+            _check_bool(f"{cls.SECTION}.{key}", value)
+        return cls(**section)
+
+
 @dataclass
-class AutogradConfig:
+class AutogradConfig(_Switches):
     """How the engine runs backward passes.
 
     ``multithreading`` (torch's default, true) hands the backward's CUDA work to autograd's
@@ -219,12 +235,24 @@ class AutogradConfig:
     nothing to run in parallel: dsparse runs backward on the calling thread unless this is true.
     """
 
+    SECTION: ClassVar[str] = "autograd"
     multithreading: bool = False
 
-    @classmethod
-    def from_dict(cls, section: dict[str, Any] | None) -> "AutogradConfig":
-        """Validate an ``"autograd"`` dict; unknown or misspelt keys are errors."""
-        section = dict(section or {})
-        _check_keys("autograd", section, [f.name for f in fields(cls)])
-        _check_bool("autograd.multithreading", section.get("multithreading", False))
-        return cls(**section)
+
+@dataclass
+class StepConfig(_Switches):
+    """How the engine's optimizer step meets the host.
+
+    DeepSpeed's ZeRO-1/2 step reads its inf/NaN verdict and its clipping norm on the host,
+    two device syncs per step: the GPU idles while the host issues the optimizer and the next
+    forward. With ``sync_free`` (bf16, ZeRO-1/2, a torch fused Adam/AdamW, no offload) the
+    clipping stays on the device, and a step with inf/NaN gradients is skipped by the fused
+    optimizer kernel itself (torch's ``found_inf``, as ``GradScaler`` uses it); the host learns
+    of a skip one step later, logs it and counts it in ``engine.device_skipped_steps``. The
+    parameters and optimizer state are exactly those of DeepSpeed's host-checked skip; what
+    differs is that the LR scheduler and the sparse schedule still advance on the skipped step.
+    Other setups keep DeepSpeed's host check.
+    """
+
+    SECTION: ClassVar[str] = "step"
+    sync_free: bool = True

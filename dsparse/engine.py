@@ -8,7 +8,8 @@ One training step, as a user's loop drives it::
                                   # values.grad, which DeepSpeed reduces (half the bytes of dense);
                                   # run on this thread, not autograd's device thread ("autograd")
     engine.step()                 # DeepSpeed: ZeRO step, clipping, loss scale, LR schedule (ZeRO-1/2's
-                                  # inf/NaN check and gradient norm fused: zero_checks); then, if the
+                                  # inf/NaN check and gradient norm fused, and no host sync under
+                                  # "step": {"sync_free": true}: zero_checks); then, if the
                                   # step was applied, SparseTraining.after_step: the W̃ᵀ masks follow
                                   # their schedule (checked across ranks), the phase advances (end of
                                   # dense warm-up, lazy adapters), and every layer's operands are
@@ -34,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .config import AutogradConfig, FusionConfig, SparsityConfig
+from .config import AutogradConfig, FusionConfig, SparsityConfig, StepConfig
 from .distributed import broadcast_masks, check_mask_agreement
 from .nn import fuse_model, sparse_modules, sparsify
 from .nn.operand_refresh import OperandRefresh
@@ -241,6 +242,13 @@ class _SparseEngineMixin:
         if boundary and self.was_step_applied():
             self.sparsity.after_step(self)
 
+    @property
+    def device_skipped_steps(self) -> int:
+        """Steps whose update the fused optimizer skipped on the device for inf/NaN gradients
+        (``"step": {"sync_free": true}``); reading it waits for the last step to finish."""
+        count = getattr(self.optimizer, "count_device_skips", None)
+        return count() if count is not None else 0
+
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
         """DeepSpeed's save, then (once every rank is done) the manifest and an atomic ``latest``."""
         tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
@@ -312,6 +320,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     sparsity = SparsityConfig.from_dict(ds_config.pop("sparsity", {"enabled": False}))
     fusion = FusionConfig.from_dict(ds_config.pop("fusion", None))
     autograd_config = AutogradConfig.from_dict(ds_config.pop("autograd", None))
+    step_config = StepConfig.from_dict(ds_config.pop("step", None))
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if not dist.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
@@ -327,7 +336,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=params, training_data=training_data,
         lr_scheduler=lr_scheduler, config=ds_config, **kwargs)
-    fuse_zero_checks(engine.optimizer)
+    if fuse_zero_checks(engine.optimizer) and step_config.sync_free:
+        engine.optimizer.enable_device_skip()
     engine.__class__ = _sparse_engine_class(type(engine))
     engine.sparsity = state
     engine.autograd_config = autograd_config

@@ -11,8 +11,8 @@ bit-identical to it, without its temporaries of ``out x tokens``. Two outputs:
   :mod:`kernels.cslt_meta`), ready for a sparse product, so no dense ``S`` is written and no
   ``torch._cslt_compress`` runs (that took 2.5x the dense weight-gradient GEMM on an H100).
 
-A program owns ``BLOCK_C`` rows of ``S`` (in two halves: rows ``r`` and ``r + 8``, which share
-metadata bytes) and ``BLOCK_P`` pairs.
+A program owns ``BLOCK_C`` rows of ``S`` and ``BLOCK_P`` pairs: it reads ``2·BLOCK_P`` whole rows of
+``dY`` (coalesced), and transposes in registers.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .cslt_meta import check_shape
 
 __all__ = ["mvue_transpose", "mvue_transpose_reference", "mvue_compress", "mvue_compress_reference"]
 
-CONFIG = {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 4}
+CONFIG = {"BLOCK_C": 128, "BLOCK_P": 64, "num_warps": 8}  # bench.kernels sweep, H100 (kernels_h100_mvue.json)
 
 
 def _mvue_transpose_kernel(
@@ -33,52 +33,55 @@ def _mvue_transpose_kernel(
     sd0, sd1, so0, so1,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ROUND_BF16: tl.constexpr, COMPRESSED: tl.constexpr,
 ):
-    half = tl.arange(0, BLOCK_C // 2)
-    lower = tl.program_id(0) * BLOCK_C + (half // 8) * 16 + half % 8  # rows r with r // 8 even
-    p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[None, :]
-    codes = tl.full([BLOCK_C // 2, BLOCK_P // 2], 0, tl.int32)
-    for h in tl.static_range(2):  # rows r, then r + 8
-        c = (lower + 8 * h).to(tl.int64)[:, None]
-        inside = (c < cols) & (p < pairs)
-        t0 = 2 * p
-        t1 = t0 + 1
-        a = tl.load(dy_ptr + t0 * sd0 + c * sd1, mask=inside & (t0 < tokens), other=0).to(tl.float32)
-        b = tl.load(dy_ptr + t1 * sd0 + c * sd1, mask=inside & (t1 < tokens), other=0).to(tl.float32)
-        d = c ^ key  # the draw: nm.mvue_uniform's mix(pair ^ mix(row ^ key)), multipliers nm.MVUE_MIX
-        for apply in tl.static_range(2):
-            if apply == 1:
-                d = p ^ d
-            d = d ^ (d >> 16)
-            d = (d * 0x352D + (((d * 0x7FEB) & 0xFFFF) << 16)) & 0xFFFFFFFF
-            d = d ^ (d >> 15)
-            d = (d * 0xA68B + (((d * 0x846C) & 0xFFFF) << 16)) & 0xFFFFFFFF
-            d = d ^ (d >> 16)
-        u = (d >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
-        mag_a = tl.abs(a)
-        total = mag_a + tl.abs(b)
-        positive = total > 0
-        first = u < tl.where(positive, mag_a / tl.where(positive, total, 1.0), 1.0)
-        kept = tl.where(first, a, b)
-        value = tl.where(kept > 0, total, tl.where(kept < 0, -total, 0.0))
-        if ROUND_BF16:  # round to nearest even by hand: the interpreter's bf16 cast truncates
-            bits = value.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            value = bits.to(tl.float32, bitcast=True)
-        if COMPRESSED:  # the kept value of pair p is entry p of the values row; its position goes to metadata
-            tl.store(o_ptr + c * so0 + p * so1, value.to(o_ptr.dtype.element_ty), mask=inside)
-            position = tl.where(first, 0, 1) + 2 * (p & 1).to(tl.int32)
-            pos0, pos1 = tl.split(tl.reshape(position, [BLOCK_C // 2, BLOCK_P // 2, 2]))
-            codes = codes | ((pos0 | (pos1 << 2)) << (4 * h))
-        else:
-            zero = tl.full([BLOCK_C // 2, BLOCK_P], 0.0, tl.float32)  # (tl.zeros_like is a jit function: see _triton)
-            tl.store(o_ptr + c * so0 + t0 * so1, tl.where(first, value, zero).to(o_ptr.dtype.element_ty), mask=inside)
-            tl.store(o_ptr + c * so0 + t1 * so1, tl.where(first, zero, value).to(o_ptr.dtype.element_ty), mask=inside)
-    if COMPRESSED:  # byte of rows (r, r + 8) and group g: nibble index (see kernels.cslt_meta) // 2
-        r = lower.to(tl.int64)[:, None]
-        g = tl.program_id(1) * (BLOCK_P // 2) + tl.arange(0, BLOCK_P // 2).to(tl.int64)[None, :]
+    # tiles are (pairs, rows of S): dY's rows are read whole, along its contiguous dim
+    c = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
+    p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
+    inside = (c < cols) & (p < pairs)
+    t0 = 2 * p
+    t1 = t0 + 1
+    a = tl.load(dy_ptr + t0 * sd0 + c * sd1, mask=inside & (t0 < tokens), other=0).to(tl.float32)
+    b = tl.load(dy_ptr + t1 * sd0 + c * sd1, mask=inside & (t1 < tokens), other=0).to(tl.float32)
+    # the draw: nm.mvue_uniform's mix(pair ^ mix(row ^ key)) with multipliers nm.MVUE_MIX, in uint32
+    # arithmetic (products wrap mod 2**32, what the reference builds from 16-bit halves)
+    d = (c ^ key).to(tl.uint32)
+    for apply in tl.static_range(2):
+        if apply == 1:
+            d = p.to(tl.uint32) ^ d
+        d = d ^ (d >> 16)
+        d = d * tl.full([], 0x7FEB352D, tl.uint32)
+        d = d ^ (d >> 15)
+        d = d * tl.full([], 0x846CA68B, tl.uint32)
+        d = d ^ (d >> 16)
+    u = (d >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+    mag_a = tl.abs(a)
+    total = mag_a + tl.abs(b)
+    positive = total > 0
+    # IEEE division, as torch's: Triton's plain fp32 `/` is approximate on GPUs and flips rare draws
+    first = u < tl.where(positive, tl.math.div_rn(mag_a, tl.where(positive, total, 1.0)), 1.0)
+    kept = tl.where(first, a, b)
+    value = tl.where(kept > 0, total, tl.where(kept < 0, -total, 0.0))
+    if ROUND_BF16:  # round to nearest even by hand: the interpreter's bf16 cast truncates
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    if COMPRESSED:  # the kept value of pair p is entry p of the values row; its position goes to metadata
+        tl.store(o_ptr + c * so0 + p * so1, value.to(o_ptr.dtype.element_ty), mask=inside)
+        position = tl.where(first, 0, 1) + 2 * (p & 1).to(tl.int32)
+        pos0, pos1 = tl.split(tl.permute(tl.reshape(position, [BLOCK_P // 2, 2, BLOCK_C]), [0, 2, 1]))
+        nibble = pos0 | (pos1 << 2)  # (group, row)
+        # a byte holds rows r (r // 8 even) and r + 8 of one group: its index in kernels.cslt_meta's layout // 2
+        low, high = tl.split(tl.permute(tl.reshape(nibble, [BLOCK_P // 2, BLOCK_C // 16, 2, 8]), [0, 1, 3, 2]))
+        codes = tl.reshape(low | (high << 4), [BLOCK_P // 2, BLOCK_C // 2])
+        half = tl.arange(0, BLOCK_C // 2)
+        r = (tl.program_id(0) * BLOCK_C + (half // 8) * 16 + half % 8).to(tl.int64)[None, :]
+        g = (tl.program_id(1) * (BLOCK_P // 2) + tl.arange(0, BLOCK_P // 2)).to(tl.int64)[:, None]
         byte = ((r // 64) * 16 * (2 * pairs) + (g // 8) * 512 + (r // 16 % 4) * 128 + (r % 8) * 16
                 + (g % 4) * 4 + (g // 4 % 2) * 2) // 2
         tl.store(m_ptr + byte, codes.to(tl.uint8), mask=(r < cols) & (g < pairs // 2))
+    else:
+        zero = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)  # (tl.zeros_like is a jit function: see _triton)
+        tl.store(o_ptr + c * so0 + t0 * so1, tl.where(first, value, zero).to(o_ptr.dtype.element_ty), mask=inside)
+        tl.store(o_ptr + c * so0 + t1 * so1, tl.where(first, zero, value).to(o_ptr.dtype.element_ty), mask=inside)
 
 
 _KERNEL = DualKernel(_mvue_transpose_kernel)

@@ -31,6 +31,7 @@ def test_step_merge_pools_repeats_of_a_label(tmp_path):
     def row(mode, times, peak):
         return {"mode": mode, "fused": True, "fused_blocks": {"rope": 22}, "autograd_multithreading": False,
                 "gpus": 1, "step_s_all": times, "step_s_median": sorted(times)[len(times) // 2],
+                "step_s_back_to_back": times[0] * 2, "host_syncs": False,
                 "tokens_per_s": 1000 / sorted(times)[len(times) // 2], "peak_memory_gib": peak,
                 "environment": {"gpu": "test"}}
 
@@ -44,7 +45,13 @@ def test_step_merge_pools_repeats_of_a_label(tmp_path):
     dense = merged["runs"]["dense"]
     assert dense["step_s_median"] == 3 and dense["repeat_medians"] == [3, 1] and dense["peak_memory_gib"] == 12
     assert len(dense["step_s_all"]) == 6 and dense["tokens_per_s"] == 1000 / 3
-    assert merged["vs_dense"]["sparse"] == {"speedup": 1.5, "memory_ratio": 0.75}
+    assert dense["step_s_back_to_back"] == 6  # the median run's
+    assert merged["vs_dense"]["sparse"] == {"speedup": 1.5, "memory_ratio": 0.75, "speedup_back_to_back": 1.5}
+    paths.append(str(tmp_path / "synced.json"))
+    with open(paths[-1], "w") as f:  # a run with DeepSpeed's host syncs is its own label
+        json.dump({**row("sparse", [4, 4, 4], 9), "host_syncs": True}, f)
+    merge(paths, str(tmp_path / "merged.json"))
+    assert json.load(open(tmp_path / "merged.json"))["runs"]["sparse+host-syncs"]["step_s_median"] == 4
 
 
 def test_idle_gaps_merge_streams_and_group_gaps_by_neighbours():

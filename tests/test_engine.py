@@ -39,6 +39,7 @@ def runs(tmp_path_factory):
         to_universal(os.path.join(ckpt, f"uni_stage{stage}"))
     results["universal"] = go("single", "load_universal")
     results["overflow"] = go("deepspeed", "overflow")
+    results["sync_free"] = go("deepspeed", "sync_free", "--stages", "1,2")
     results["mismatch"] = go("deepspeed", "mismatch")
     return results
 
@@ -161,6 +162,23 @@ def test_fused_zero_checks_match_deepspeeds_loops(runs, stage):
     for fused, deepspeed in result["norms_inf"]:
         assert abs(fused - deepspeed) <= 1e-5 * abs(deepspeed)
     assert result["skipped"] == 1
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sync_free_step_trains_identically_and_skips_non_finite_steps_on_the_device(runs, stage):
+    """bf16 + fused AdamW: no host check, the same losses as DeepSpeed's host-checked step; a NaN step
+    leaves parameters and Adam's step counts as they were, and is counted one step later."""
+    assert_sync_free(runs["sync_free"][f"stage{stage}"])
+
+
+def assert_sync_free(result: dict) -> None:
+    """What the ``sync_free`` scenario must show (also on GPUs: tests/gpu/test_engine_gpu.py)."""
+    assert result["device_skip"] == [False, True]
+    assert _losses(result["free"]) == _losses(result["host"])
+    assert result["unchanged"] and result["adam_steps_unchanged"]
+    assert result["skipped"] == [1, 0]  # counted by dsparse; DeepSpeed never saw it
+    assert math.isfinite(result["next"][0]["loss"]) and result["changed_after"]
+    assert result["clip"] == [True] * 4
 
 
 def test_checkpoint_of_another_sparsity_config_is_refused(runs):

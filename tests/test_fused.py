@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from dsparse import FusionConfig, SparsityConfig, fuse_model, fused_counts, sparse_modules, sparsify
-from dsparse.config import AutogradConfig
+from dsparse.config import AutogradConfig, StepConfig
 from dsparse.nn import FusedGatedMLP, FusedRMSNorm
 from kernels._triton import capture_launches
 
@@ -85,7 +85,7 @@ def test_other_activations_are_left_alone():
     assert fuse_model(model) == {"rms_norm": 0, "swiglu": 0, "rope": 0}  # fusing twice changes nothing
 
 
-def test_fusion_and_autograd_config_errors_name_the_fix():
+def test_fusion_autograd_and_step_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="did you mean 'rms_norm'"):
         FusionConfig.from_dict({"rmsnorm": True})
     with pytest.raises(ValueError, match='true, false or "auto"'):
@@ -102,6 +102,11 @@ def test_fusion_and_autograd_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="true or false"):
         AutogradConfig.from_dict({"multithreading": "yes"})
     assert not AutogradConfig.from_dict(None).multithreading
+    with pytest.raises(ValueError, match="did you mean 'sync_free'"):
+        StepConfig.from_dict({"syncfree": True})
+    with pytest.raises(ValueError, match="step.sync_free must be true or false"):
+        StepConfig.from_dict({"sync_free": 1})
+    assert StepConfig.from_dict(None).sync_free
 
 
 def test_fused_model_under_activation_checkpointing_gives_the_same_gradients():

@@ -1,5 +1,5 @@
-"""dsparse's DeepSpeed engine on GPUs: the cuSPARSELt backend in bf16 against the reference, and 2 GPUs
-(NCCL) against 1. Run on a GPU machine: `python -m pytest -q -m gpu tests/gpu/test_engine_gpu.py`."""
+"""dsparse's DeepSpeed engine on GPUs: the cuSPARSELt backend in bf16 against the reference, 2 GPUs
+(NCCL) against 1, and the sync-free step. Run on a GPU machine: `python -m pytest -q -m gpu tests/gpu/test_engine_gpu.py`."""
 import json
 import os
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from launch_utils import ROOT, run
+from test_engine import assert_sync_free
 
 WORKER = os.path.join(ROOT, "tests", "workers", "engine_worker.py")
 pytestmark = pytest.mark.gpu
@@ -58,3 +59,13 @@ def test_backward_runs_on_the_calling_thread_unless_configured(tmp_path):
         seen = json.load(f)
     assert seen["multithreading0"] == [seen["main"]]
     assert seen["multithreading1"] and seen["main"] not in seen["multithreading1"]
+
+
+def test_sync_free_step_on_the_gpu(tmp_path):
+    """The sync-free ZeRO-1/2 step with CUDA's pinned copy and event: DeepSpeed's losses, NaN steps skipped."""
+    out = str(tmp_path / "sync_free.json")
+    run("single", WORKER, ["sync_free", "--out", out, "--stages", "1,2"], ranks=1)
+    with open(out) as f:
+        result = json.load(f)
+    for stage in (1, 2):
+        assert_sync_free(result[f"stage{stage}"])

@@ -259,6 +259,47 @@ def fused_checks(engine) -> dict:
     return out
 
 
+def scenario_sync_free(args) -> dict:
+    """bf16 with torch's fused AdamW: the same steps with DeepSpeed's host checks and sync-free ("step"),
+    then a NaN step that the sync-free engine skips on the device."""
+    out = {}
+    for stage in args.stages:
+        config = ds_config(stage, dist.get_world_size(), bf16=True)
+        config["optimizer"]["params"]["fused"] = True
+        host = build({**config, "step": {"sync_free": False}})
+        free = build(config)
+        row = {"device_skip": [host.optimizer.device_skip, free.optimizer.device_skip],
+               "host": train(host, 0, 2), "free": train(free, 0, 2)}
+        layer, dense = free.sparsity.layers[0], free.module.model.embed_tokens.weight
+        before = [layer.values.detach().clone(), dense.detach().clone()]
+        steps_before = [s["step"].clone() for s in free.optimizer.optimizer.state.values()]
+        row["nan"] = train(free, 2, 3, nan_step=2)  # before the adapters start (step 5)
+        row["unchanged"] = all(torch.equal(a, b.detach()) for a, b in zip(before, (layer.values, dense)))
+        row["adam_steps_unchanged"] = all(torch.equal(a, s["step"]) for a, s in
+                                          zip(steps_before, free.optimizer.optimizer.state.values()))
+        row["skipped"] = [free.device_skipped_steps, free.skipped_steps]
+        row["next"] = train(free, 3, 4)
+        row["changed_after"] = not torch.equal(before[0], layer.values.detach())
+        row["clip"] = clip_matches(free.optimizer)
+        out[f"stage{stage}"] = row
+    return out
+
+
+def clip_matches(opt) -> list[bool]:
+    """The device-side unscale-and-clip against DeepSpeed's, for a large, a small, an inf and DeepSpeed's
+    invalid (-1) norm."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    grad = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(opt.device)
+    same = []
+    for norm in (3.0, 0.1, float("inf"), -1.0):
+        ours, theirs = grad.clone(), grad.clone()
+        type(opt).unscale_and_clip_grads(opt, [ours], torch.tensor(norm, device=opt.device))
+        DeepSpeedZeroOptimizer.unscale_and_clip_grads(opt, [theirs], torch.tensor(norm, device=opt.device))
+        same.append(torch.equal(ours, theirs))
+    return same
+
+
 def scenario_mismatch(args) -> dict:
     engine = build(ds_config(2, dist.get_world_size()))
     train(engine, 0, 1)
