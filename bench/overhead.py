@@ -4,7 +4,8 @@ At small token counts a training step is bound by how fast the host enqueues ker
 the GPU: this is what the eager ``bench.layer`` ratios at 4096 tokens pay for. Each call is
 timed twice over (:func:`host_and_gpu_us`): the host's cost of enqueueing it, and the GPU's
 cost of running it. A cProfile of the sparse step says which Python functions the host's
-time goes to.
+time goes to. Triton launches are timed on their own too: through :class:`kernels._triton.DualKernel`'s
+direct launch of the compiled kernel, and through Triton's ``JITFunction.run``.
 
     python -m bench.overhead                     # writes bench/results/overhead_<gpu>.json
 """
@@ -68,6 +69,19 @@ def _kernel_table(fn: Callable[[], object], label: str, calls: int = 20) -> list
     return [f"{label}: {wall:.3f} ms per call under the profiler", *table.splitlines()]
 
 
+def triton_launch_us(launch: Callable[[], object]) -> dict[str, dict[str, float]]:
+    """Host and GPU time of the one Triton launch ``launch`` makes: through DualKernel's direct launch
+    (what dsparse runs) and through ``JITFunction.run`` (Triton's own binding and cache lookup)."""
+    from kernels._triton import capture_launches
+
+    with capture_launches() as launches:
+        launch()
+    (kernel, grid, args, kwargs), = launches
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    return {"direct": host_and_gpu_us(lambda: kernel.launch(device, grid, *args, **kwargs)),
+            "jit_run": host_and_gpu_us(lambda: kernel.jitted[grid](*args, **kwargs))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--in_features", type=int, default=4096)
@@ -115,6 +129,12 @@ def main() -> None:
                       "step": host_and_gpu_us(lambda: sparse_step(x, dy)),
                       "step_single_thread": host_and_gpu_us(single_thread(lambda: sparse_step(x, dy)))},
     }
+    from kernels import gather_kept, mvue_compress
+
+    dense_dw = dy.t().mm(x.detach())
+    result["triton_launch_us"] = {
+        "gather_kept": triton_launch_us(lambda: gather_kept(dense_dw, layer.idx, 2, 4)),
+        "mvue_compress": triton_launch_us(lambda: mvue_compress(dy, 1, tokens))}
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(200):

@@ -229,9 +229,9 @@ class AutogradConfig(_Switches):
 
     ``multithreading`` (torch's default, true) hands the backward's CUDA work to autograd's
     device thread. The hand-offs cost host time that small layers cannot hide: one 4096²
-    bf16 layer's forward + backward at 64 tokens takes 752 µs of host time threaded and
-    304 µs on the calling thread for SparseLinear (281 and 173 µs for nn.Linear) on an
-    H100 (``bench/results/overhead_h100.json``). A DeepSpeed rank drives one GPU, so there is
+    bf16 layer's forward + backward at 64 tokens takes 326 µs of host time threaded and
+    283 µs on the calling thread for SparseLinear (211 and 130 µs for nn.Linear) on an
+    H100 (``bench/results/overhead_h100.json``; 752 and 304 µs on an earlier instance and code). A DeepSpeed rank drives one GPU, so there is
     nothing to run in parallel: dsparse runs backward on the calling thread unless this is true.
     """
 
