@@ -12,7 +12,7 @@
 #   repeats      dense and dsparse (the defaults) interleaved, $REPEATS (3) runs of 30 steps each, pooled, clocks logged
 #                (replaces earlier repeats: a pooled result comes from one machine)
 #   overlap      the llama-1b step of 'step' without ZeRO's overlap_comm (it synchronizes the GPU at each bucket flush)
-#   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice
+#   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice (+MVUE)
 #   profile      the llama-1b step of 'step', dense and dsparse, under torch.profiler: GPU time by kernel category
 #                and GPU idle time, then under cProfile: host time by function (replaces earlier profiles; profile-more and profile-overlap add to it)
 #   profile-more the same with torch's threaded backward, and that without the fused RMSNorm/SwiGLU
@@ -84,7 +84,8 @@ for part in "$@"; do
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json
                   step 1 llama-7b dense --mode dense --layers 4 --micro_batch_size 4
                   step 1 llama-7b sparse --mode sparse --layers 4 --micro_batch_size 4
-                  merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_*.json
+                  step 1 llama-7b sparse_mvue --mode sparse --mvue_dw --layers 4 --micro_batch_size 4
+                  merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_{dense,sparse,sparse_mvue}.json
                   step 1 llama-1b static --mode static
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
     profile)      rm -f $runs/profile/*.json; profile dense ""; profile sparse ""
