@@ -25,7 +25,7 @@ from .cslt_meta import check_shape
 
 __all__ = ["mvue_transpose", "mvue_transpose_reference", "mvue_compress", "mvue_compress_reference"]
 
-CONFIG = {"BLOCK_C": 128, "BLOCK_P": 64, "num_warps": 8}  # bench.kernels sweep, H100 (kernels_h100_mvue.json)
+CONFIG = {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 4}  # GPU-tested; see bench.kernels (kernels_h100_mvue.json)
 
 
 def _mvue_transpose_kernel(
