@@ -22,6 +22,8 @@
 #                interleaved $REPEATS (1) times, pooled
 #   syncs        dense, dsparse and dsparse+MVUE, llama-1b, with DeepSpeed's per-step host syncs and without
 #                (the default), interleaved $REPEATS (1) times, pooled
+#   proj         dense, dsparse and dsparse+MVUE, llama-1b, with q/k/v and gate/up as one product each (the
+#                default) and apart, interleaved $REPEATS (1) times, pooled
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
@@ -108,6 +110,11 @@ for part in "$@"; do
                     for m in dense sparse; do step 1 llama-1b syncs/${m}_h${h}_$i --mode $m --steps 20 --host_syncs $h; done
                     step 1 llama-1b syncs/sparse_mvue_h${h}_$i --mode sparse --mvue_dw --steps 20 --host_syncs $h; done; done
                   merge bench/results/engine_${gpu}_syncs.json $runs/llama-1b_syncs/*.json ;;
+    proj)         mkdir -p $runs/llama-1b_proj; rm -f $runs/llama-1b_proj/*.json
+                  for i in $(seq "${REPEATS:-1}"); do for p in on off; do
+                    for m in dense sparse; do step 1 llama-1b proj/${m}_p${p}_$i --mode $m --steps 20 --projections $p; done
+                    step 1 llama-1b proj/sparse_mvue_p${p}_$i --mode sparse --mvue_dw --steps 20 --projections $p; done; done
+                  merge bench/results/engine_${gpu}_proj.json $runs/llama-1b_proj/*.json ;;
     memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> None:
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1, "torch_adam": True,
                                                   "fused": True}},
         "steps_per_print": 10**9,
-        "fusion": {"enabled": args.fusion != "off", "rope": args.fusion != "no-rope"},
+        "fusion": {"enabled": args.fusion != "off", "rope": args.fusion != "no-rope",
+                   "projections": args.projections == "on"},
         "autograd": {"multithreading": args.autograd_threads},
         # --host_syncs off: no host read in the ZeRO step, no device sync in DeepSpeed's throughput timer
         "step": {"sync_free": args.host_syncs == "off"},
@@ -176,7 +177,8 @@ def _host_profile(step, steps: int, top: int = 40) -> dict:
 def _label(row: dict) -> str:
     """A run's name in the merged result: its mode, ``+grad_ckpt`` when activations were recomputed,
     ``+mvue`` with MVUE weight gradients, ``+unfused`` without the fused RMSNorm/SwiGLU/RoPE kernels, ``+no-rope`` with RMSNorm/SwiGLU only
-    (every fused run from before RoPE was), ``+threaded`` with backward on autograd's device thread
+    (every fused run from before RoPE was), ``+proj`` with q/k/v and gate/up as one product each (runs from
+    before the option kept them apart), ``+threaded`` with backward on autograd's device thread
     (torch's default, and every run from before the flag), ``+no-overlap`` without ZeRO's overlap_comm,
     ``+host-syncs`` with DeepSpeed's host-read step checks and synchronized throughput timer (every run from
     before the flag), ``xN`` GPUs."""
@@ -185,6 +187,7 @@ def _label(row: dict) -> str:
     return (row["mode"] + ("+mvue" if row.get("mvue_dw") and row["mode"] != "dense" else "")
             + ("+grad_ckpt" if row.get("grad_ckpt") else "")
             + ("+unfused" if not fused else "+no-rope" if not row.get("fused_blocks", {}).get("rope") else "")
+            + ("+proj" if row.get("fused_blocks", {}).get("projections") else "")
             + ("+threaded" if threaded else "") + ("+no-overlap" if row.get("overlap_comm") is False else "")
             + ("+host-syncs" if row.get("host_syncs", True) else "")
             + (f"x{row['gpus']}" if row["gpus"] > 1 else ""))
@@ -250,6 +253,9 @@ def main() -> None:
     parser.add_argument("--overlap_comm", choices=["on", "off"], default="on",
                         help="ZeRO's overlap_comm (on CUDA, DeepSpeed 0.19.8 synchronizes the device at every "
                              "gradient-bucket flush with it on)")
+    parser.add_argument("--projections", choices=["on", "off"], default="on",
+                        help="q/k/v and gate/up as one GEMM each way, dense and sparse alike (config 'fusion': "
+                             "{'projections': ...}; only with --fusion on or no-rope)")
     parser.add_argument("--host_syncs", choices=["on", "off"], default="off",
                         help="on: DeepSpeed's host-read inf/NaN and clip checks and its synchronized throughput "
                              "timer (config 'step': {'sync_free': false}); off: none (the dsparse default)")

@@ -6,12 +6,12 @@ The core (``SparseLinear``, ``sparsify``) needs only torch; ``initialize`` and
 from typing import Any
 
 from .config import AdapterConfig, FusionConfig, SparsityConfig
-from .nn import SparseLinear, fuse_model, fused_counts, sparse_modules, sparsify
+from .nn import SparseLinear, fuse_model, fuse_projections, fused_counts, sparse_modules, sparsify
 
 __version__ = "0.1.0"
 
 __all__ = ["SparseLinear", "SparsityConfig", "AdapterConfig", "FusionConfig", "sparsify", "sparse_modules",
-           "fuse_model", "fused_counts", "initialize",
+           "fuse_model", "fuse_projections", "fused_counts", "initialize",
            "memory_report", "__version__"]
 
 

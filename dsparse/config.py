@@ -175,13 +175,15 @@ class FusionConfig:
 
     ``enabled``: ``"auto"`` fuses on CUDA (on CPU the kernels would run through the Triton
     interpreter), ``true`` everywhere, ``false`` never. ``rms_norm``, ``swiglu``, ``rope``: which
-    blocks; ``min_rows``: inputs of fewer rows run HF's torch code.
+    blocks; ``min_rows``: inputs of fewer rows run HF's torch code. ``projections``: q/k/v and
+    gate/up run as one GEMM each way (:func:`dsparse.nn.fuse_projections`; not under ZeRO-3).
     """
 
     enabled: bool | str = "auto"
     rms_norm: bool = True
     swiglu: bool = True
     rope: bool = True
+    projections: bool = True
     # fewer rows (tokens; positions for RoPE) run HF's torch code: a decode step's few rows gain nothing
     # from one fused kernel and pay its launch
     min_rows: int = 256
@@ -192,6 +194,7 @@ class FusionConfig:
         _check_bool("fusion.rms_norm", self.rms_norm)
         _check_bool("fusion.swiglu", self.swiglu)
         _check_bool("fusion.rope", self.rope)
+        _check_bool("fusion.projections", self.projections)
         if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) or self.min_rows < 0:
             raise ValueError(f"fusion.min_rows must be an integer >= 0 (rows below it run HF's torch code), "
                              f"got {self.min_rows!r}")

@@ -2,8 +2,9 @@
 
 One training step, as a user's loop drives it::
 
-    loss = engine(**batch).loss   # each SparseLinear: Y = X (M⊙W)ᵀ on its compressed operand; RMSNorm,
-                                  # SwiGLU and RoPE run fused Triton kernels ("fusion", dense runs too)
+    loss = engine(**batch).loss   # each SparseLinear: Y = X (M⊙W)ᵀ on its compressed operand (q/k/v and
+                                  # gate/up as one product each: projections); RMSNorm, SwiGLU and
+                                  # RoPE run fused Triton kernels ("fusion", dense runs too)
     engine.backward(loss)         # dX = dY W̃ (double-pruned transpose); the kept-entry dW lands in
                                   # values.grad, which DeepSpeed reduces (half the bytes of dense);
                                   # run on this thread, not autograd's device thread ("autograd")
@@ -37,7 +38,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import AutogradConfig, FusionConfig, SparsityConfig, StepConfig
 from .distributed import broadcast_masks, check_mask_agreement
-from .nn import fuse_model, sparse_modules, sparsify
+from .nn import fuse_model, fuse_projections, sparse_modules, sparsify
 from .nn.operand_refresh import OperandRefresh
 from .nn.sparse_linear import store_steps
 from .optim_state import restart_group
@@ -332,6 +333,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         fuse_model(model, rms_norm=fusion.rms_norm, swiglu=fusion.swiglu, rope=fusion.rope,
                    min_rows=fusion.min_rows)
     state = SparseTraining.prepare(model, sparsity, zero_stage)
+    if fusion.active(get_accelerator().device_name() == "cuda") and fusion.projections and zero_stage != 3:
+        fuse_projections(model)  # after sparsify: sparse or dense siblings alike
     params = state.param_groups(model, optimizer, model_parameters)
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=params, training_data=training_data,

@@ -144,6 +144,17 @@ def test_optimizer_step_is_picked_up_without_extra_call():
     assert layer.step == 1 and int(layer.mask_step) == 1
 
 
+def test_a_copied_layer_follows_its_own_optimizer_steps():
+    import copy
+
+    layer = SparseLinear(16, 16, mask_change_freq=1)
+    copied = copy.deepcopy(layer)
+    opt = torch.optim.SGD(copied.parameters(), lr=1.0)
+    copied(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    assert copied.step == 1 and layer.step == 0
+
+
 def test_step_counts_stored_for_many_layers_at_once():
     """The engine's batched write of mask_step (store_steps) leaves each buffer at its layer's step."""
     from dsparse.nn.sparse_linear import store_steps

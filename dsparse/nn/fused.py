@@ -209,8 +209,12 @@ def fuse_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, rop
 
 
 def fused_counts(model: nn.Module) -> dict[str, int]:
-    """How many RMSNorms, SwiGLU gates and rotary embeddings of ``model`` run fused (as :func:`fuse_model` counts)."""
+    """How many RMSNorms, SwiGLU gates and rotary embeddings of ``model`` run fused (as :func:`fuse_model` counts),
+    and how many groups of sibling projections (:func:`dsparse.nn.fuse_projections`)."""
+    from .projections import projection_groups
+
     modules = list(model.modules())
     return {"rms_norm": sum(isinstance(m, FusedRMSNorm) for m in modules),
             "swiglu": sum(isinstance(m, FusedGatedMLP) for m in modules),
-            "rope": sum(getattr(vars(m).get("forward"), "fused_rope", False) for m in modules)}
+            "rope": sum(getattr(vars(m).get("forward"), "fused_rope", False) for m in modules),
+            "projections": len(projection_groups(model))}

@@ -1,5 +1,8 @@
 """Refresh every sparse layer's GEMM operands right after an optimizer step, in one go.
 
+Each layer's operands belong to its :class:`~dsparse.nn.sparse_product.SparseProduct`: the layer
+itself, or the projection group it runs in (refreshed once for all its layers).
+
 A layer's refresh is one Triton launch that rewrites the values regions of its compressed
 ``W`` and ``W̃ᵀ`` in place. Done lazily in the forward, ~150 of them (a 1B LLaMA) cost
 ~0.1 ms of host time each and left the GPU waiting on the host through the forward. On
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .sparse_linear import SparseLinear
+from .sparse_product import SparseProduct
 
 
 class OperandRefresh:
@@ -27,9 +31,10 @@ class OperandRefresh:
 
     @torch.no_grad()
     def __call__(self) -> None:
-        layers = [layer for layer in self.layers if layer.refreshes_operands]
+        owners = {id(owner): owner for owner in (layer.operand_owner() for layer in self.layers)}
+        layers = [owner for owner in owners.values() if owner.refreshes_operands]
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        keys = [layer.in_place_refresh_key() if layer._param.is_cuda and not capturing else None
+        keys = [layer.in_place_refresh_key() if layer.operands_on_cuda and not capturing else None
                 for layer in layers]
         for layer, key in zip(layers, keys):
             if key is None:  # off CUDA, a changed mask, or a refresh that reallocates
@@ -47,7 +52,7 @@ class OperandRefresh:
             for layer, _ in graphed:
                 layer.mark_operands_current()
 
-    def _capture(self, layers: list[SparseLinear]) -> None:
+    def _capture(self, layers: list[SparseProduct]) -> None:
         """This step's refresh eagerly (it also compiles the kernels), then the same launches captured."""
         for layer in layers:
             layer.refresh_operands()

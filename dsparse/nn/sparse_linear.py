@@ -33,39 +33,7 @@ from .. import nm
 from ..backends import Backend, check_backend_name, resolve_backend
 from .lowrank import lowrank_add
 from .optimizer_hook import install_optimizer_hook, tag_owner
-
-
-class _SparseLinearFunction(torch.autograd.Function):
-    """Forward with ``M⊙W``, input gradient with the double-pruned ``W̃``, weight gradient at kept entries."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, param: torch.Tensor, bias: torch.Tensor | None, layer: "SparseLinear"):
-        backend, ops = layer._operands()
-        x2d = x.reshape(-1, x.shape[-1])
-        y = backend.linear(ops, x2d, bias)
-        ctx.layer = layer
-        ctx.backend = backend
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, param)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, _param = ctx.saved_tensors
-        layer: SparseLinear = ctx.layer
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1])
-        dx = dparam = dbias = None
-        if ctx.needs_input_grad[0]:
-            _, ops = layer._operands()
-            dx = ctx.backend.grad_input(ops, dy2d).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            key = layer._mvue_key() if layer.mvue_dw else None
-            dvalues = ctx.backend.grad_values(dy2d, x2d, layer.idx, layer.n, layer.m, key)
-            dparam = layer._param_grad(dvalues)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy2d.sum(0)
-        return dx, dparam, dbias, None
+from .sparse_product import SparseProduct, sparse_product
 
 
 @torch.no_grad()
@@ -80,7 +48,7 @@ def store_steps(layers: list["SparseLinear"]) -> None:
         torch._foreach_add_(group, step)
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(SparseProduct, nn.Module):
     """``Y = X (M⊙W)ᵀ + b`` with an N:M-sparse ``W`` stored as its kept values (SLoPe).
 
     Args:
@@ -136,9 +104,15 @@ class SparseLinear(nn.Module):
         self.dense_mode = False  # dense warm-up: the full dense weight trains (needs compress=False)
         self._cache: tuple[tuple, tuple, Backend, Any] | None = None
         self._inference: tuple[Backend, Any] | None = None  # frozen forward-only operands
+        self.projection_group = None  # the dsparse.nn.projections.ProjectionGroup this layer runs in, if any
         self.reset_parameters()
         tag_owner(self._param, self)
         install_optimizer_hook()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``copy.deepcopy``, unpickling) tags its own weight, so torch optimizers step its schedule."""
+        super().__setstate__(state)
+        tag_owner(self._param, self)
 
     # ----------------------------------------------------------------- construction
     @torch.no_grad()
@@ -208,30 +182,12 @@ class SparseLinear(nn.Module):
         """Dense ``(in, out)`` view of the double-pruned ``W̃ᵀ``: what the input gradient uses."""
         return nm.dense_transpose_from_kept(self.kept_values(), self.idx, self.keep_t, self.n, self.m)
 
-    # ----------------------------------------------------------------- derived state
-    def _operands(self) -> tuple[Backend, Any]:
-        """The backend and its derived operands for the current values, rebuilt only when stale.
+    # ----------------------------------------------------------------- derived state (SparseProduct)
+    def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.kept_values().detach(), self.idx, self.keep_t
 
-        A change of the masks rebuilds the operands; a change of the values alone (an
-        optimizer step) refreshes them, which a backend may do in place.
-        """
-        if self._inference is not None:
-            return self._inference
-        cache = self._cache
-        mask_key = self._mask_key()
-        if cache is not None and cache[0] == mask_key:
-            if cache[1] != self._value_key():
-                self.refresh_cached_operands()
-            return self._cache[2], self._cache[3]
-        param = self._param
-        with torch.no_grad():
-            backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m,
-                                      self.out_features, self.in_features,
-                                      layer=f"SparseLinear({self.in_features}, {self.out_features})")
-            ops = backend.prepare(self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m,
-                                  dx=self._dx_mode)
-        self._cache = (mask_key, self._value_key(), backend, ops) if self.cache_operands else None
-        return backend, ops
+    def _positions(self) -> torch.Tensor:
+        return self.idx
 
     def _mask_key(self) -> tuple:
         param = self._param
@@ -242,38 +198,36 @@ class SparseLinear(nn.Module):
         param = self._param
         return (param.data_ptr(), param._version, self._generation)
 
-    @torch.no_grad()
-    def refresh_cached_operands(self) -> None:
-        """Rewrite the cached operands from the current values (masks unchanged) and mark them current."""
-        mask_key, _, backend, ops = self._cache
-        ops = backend.refresh(ops, self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m,
-                              dx=self._dx_mode)
-        self._cache = (mask_key, self._value_key(), backend, ops)
+    def _value_addresses(self) -> tuple[int, ...]:
+        return (self._param.data_ptr(),)
 
-    def mark_operands_current(self) -> None:
-        """Record that the cached operands match the current values (refreshed, e.g. by a graph replay)."""
-        mask_key, _, backend, ops = self._cache
-        self._cache = (mask_key, self._value_key(), backend, ops)
+    def _values_read_in_place(self) -> bool:
+        return self.compress  # a dense weight's kept values are gathered anew
+
+    def _resolve_backend(self) -> Backend:
+        param = self._param
+        return resolve_backend(self.backend, param.device, param.dtype, self.n, self.m, self.out_features,
+                               self.in_features, layer=f"SparseLinear({self.in_features}, {self.out_features})")
+
+    def _param_grads(self, dvalues: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self._param_grad(dvalues),)
+
+    def _draw_key(self) -> int | None:
+        return self._mvue_key() if self.mvue_dw else None
 
     @property
     def refreshes_operands(self) -> bool:
         """Whether this layer keeps GEMM operands that follow its values (sparse training, cached)."""
         return self.cache_operands and not self.dense_mode and self._inference is None
 
-    def refresh_operands(self) -> None:
-        """Bring the cached operands up to date now instead of in the next forward."""
-        if self.refreshes_operands:
-            self._operands()
+    @property
+    def operands_on_cuda(self) -> bool:
+        return self._param.is_cuda
 
-    def in_place_refresh_key(self) -> tuple | None:
-        """The addresses an in-place refresh of the cached operands reads and writes, or None when the
-        next refresh is not in place (no cache yet, a mask changed, a dense weight whose kept values
-        are gathered anew, or a backend that reallocates)."""
-        cache = self._cache
-        if (cache is None or not self.compress or cache[0] != self._mask_key()
-                or not cache[2].refreshes_in_place(cache[3])):
-            return None
-        return (cache[0], self._param.data_ptr(), cache[2].operand_addresses(cache[3]))
+    def operand_owner(self) -> SparseProduct:
+        """What keeps this layer's operands now: its projection group while that runs, else itself."""
+        group = self.projection_group
+        return group if group is not None and group.refreshes_operands else self
 
     @property
     def _dx_mode(self) -> str:
@@ -288,8 +242,7 @@ class SparseLinear(nn.Module):
         compressed operand alone; the layer can no longer train or give a state_dict.
         """
         param = self._param
-        backend = resolve_backend(self.backend, param.device, param.dtype, self.n, self.m, self.out_features,
-                                  self.in_features, layer=f"SparseLinear({self.in_features}, {self.out_features})")
+        backend = self._resolve_backend()
         ops = backend.prepare(self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m, dx="none")
         self._inference = (backend, ops)
         self._cache = None
@@ -418,7 +371,11 @@ class SparseLinear(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
         if self.dense_mode:
             return F.linear(x, self.weight, self.bias)
-        y = _SparseLinearFunction.apply(x, self._param, self.bias, self)
+        group = self.projection_group
+        if group is not None and group.refreshes_operands:
+            y = group.output(self, x)
+        else:
+            y = sparse_product(x, self.bias, self, (self._param,))
         if self.adapter_is_active:
             y = lowrank_add(y, F.linear(x, self.adapter_a), self.adapter_b, self.adapter_scale)
         return y

@@ -1,0 +1,202 @@
+"""Sibling projections that read the same input (q/k/v, gate/up) run as one GEMM each way.
+
+HF's attention calls ``q_proj``, ``k_proj`` and ``v_proj`` one after another on the same
+hidden states, and its MLP ``gate_proj`` and ``up_proj``. Run apart, a 1B LLaMA's small
+k/v products (2048→256) are launch-bound and lose to dense, and autograd adds their input
+gradients with extra full-size passes. :func:`fuse_projections` groups such siblings: the
+first sibling's call computes the product with their weights stacked along ``out`` and
+hands each sibling its slice; the backward gets one input gradient and one weight gradient
+for the stack. Every parameter, buffer and state-dict key stays its layer's own, so
+optimizers, ZeRO-1/2, checkpoints and exports see no difference.
+
+* SparseLinear siblings (same pattern, backend, dtype, ...) share one
+  :class:`ProjectionGroup`: a :class:`~dsparse.nn.sparse_product.SparseProduct` over the
+  stacked kept values, compressed once per mask change and refreshed after each optimizer
+  step like a layer's own operands. Each layer's adapter still adds onto its slice.
+* ``nn.Linear`` siblings (a dense run, so dense and sparse compare alike) multiply by their
+  concatenated weights.
+
+A group runs fused while its layers train sparse with cached operands (not during a dense
+warm-up, not after :meth:`SparseLinear.prepare_inference`, not under ZeRO-3, whose
+parameters exist only while their own module runs); otherwise each layer runs alone.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backends import Backend, resolve_backend
+from .sparse_linear import SparseLinear
+from .sparse_product import SparseProduct, sparse_product
+
+logger = logging.getLogger(__name__)
+
+# children of one module that HF models call on the same input
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Siblings:
+    """Hands each sibling its slice of one fused product of their shared input."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self.sizes = [layer.out_features for layer in layers]
+        self._pending: tuple[torch.Tensor, int, bool, tuple[torch.Tensor, ...], set[int]] | None = None
+
+    def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer``'s output for ``x``: a slice of the fused product, computed at the first sibling's call
+        for this very input and dropped once every sibling has taken its slice."""
+        i = next(j for j, sibling in enumerate(self.layers) if sibling is layer)
+        pending = self._pending
+        if (pending is None or pending[0] is not x or pending[1] != x._version
+                or pending[2] != torch.is_grad_enabled() or i in pending[4]):
+            pending = (x, x._version, torch.is_grad_enabled(), self._fused(x).split(self.sizes, dim=-1), set())
+        pending[4].add(i)
+        self._pending = None if len(pending[4]) == len(self.layers) else pending
+        return pending[3][i]
+
+    def _biases(self) -> torch.Tensor | None:
+        biases = [layer.bias for layer in self.layers]
+        return None if biases[0] is None else torch.cat(biases)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ProjectionGroup(_Siblings, SparseProduct):
+    """SparseLinear siblings as one sparse product over their weights stacked along ``out``."""
+
+    def __init__(self, layers: list[SparseLinear]) -> None:
+        super().__init__(layers)
+        first = layers[0]
+        self.n, self.m = first.n, first.m
+        self.in_features, self.out_features = first.in_features, sum(self.sizes)
+        self.cache_operands = True
+        self._masks: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (mask key, stacked idx, keep_t)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_product(x, self._biases(), self, tuple(layer._param for layer in self.layers))
+
+    # ------------------------------------------------------------- SparseProduct
+    def _stacked_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._mask_key()
+        if self._masks is None or self._masks[0] != key:
+            self._masks = (key, torch.cat([layer.idx for layer in self.layers]),
+                           torch.cat([layer.keep_t for layer in self.layers]))
+        return self._masks[1], self._masks[2]
+
+    def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        values = torch.cat([layer.kept_values().detach() for layer in self.layers])
+        return (values, *self._stacked_masks())
+
+    def _positions(self) -> torch.Tensor:
+        return self._stacked_masks()[0]
+
+    def _mask_key(self) -> tuple:
+        return tuple(layer._mask_key() for layer in self.layers)
+
+    def _value_key(self) -> tuple:
+        return tuple(layer._value_key() for layer in self.layers)
+
+    def _value_addresses(self) -> tuple[int, ...]:
+        return tuple(address for layer in self.layers for address in layer._value_addresses())
+
+    def _values_read_in_place(self) -> bool:
+        # the stacked values are a copy, made inside the captured refresh (the graph's own memory)
+        return all(layer._values_read_in_place() for layer in self.layers)
+
+    def _resolve_backend(self) -> Backend:
+        first = self.layers[0]
+        param = first._param
+        return resolve_backend(first.backend, param.device, param.dtype, self.n, self.m, self.out_features,
+                               self.in_features, layer=f"projections {self.sizes} of {self.in_features} inputs")
+
+    def _param_grads(self, dvalues: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(layer._param_grad(d) for layer, d in zip(self.layers, dvalues.split(self.sizes)))
+
+    def _draw_key(self) -> int | None:
+        return self.layers[0]._draw_key()
+
+    @property
+    def _dx_mode(self) -> str:
+        return self.layers[0]._dx_mode
+
+    @property
+    def refreshes_operands(self) -> bool:
+        """Whether the siblings run as this group's product (else each layer runs alone)."""
+        return all(layer.refreshes_operands for layer in self.layers)
+
+    @property
+    def operands_on_cuda(self) -> bool:
+        return self.layers[0].operands_on_cuda
+
+
+class DenseProjectionGroup(_Siblings):
+    """``nn.Linear`` siblings as one GEMM on their concatenated weights."""
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, torch.cat([layer.weight for layer in self.layers]), self._biases())
+
+
+def _sparse_compatible(layers: list[nn.Module]) -> bool:
+    first = layers[0]
+    same = ("in_features", "n", "m", "backend", "compress", "double_prune", "mvue_dw", "cache_operands")
+    return (all(type(layer) is SparseLinear and getattr(layer, "projection_group", None) is None for layer in layers)
+            and all(getattr(layer, a) == getattr(first, a) for layer in layers for a in same)
+            and all((layer.bias is None) == (first.bias is None) for layer in layers)
+            and len({(layer._param.dtype, layer._param.device) for layer in layers}) == 1)
+
+
+def _dense_compatible(layers: list[nn.Module]) -> bool:
+    first = layers[0]
+    return (all(type(layer) is nn.Linear and "forward" not in vars(layer) for layer in layers)
+            and all(layer.in_features == first.in_features and (layer.bias is None) == (first.bias is None)
+                    for layer in layers)
+            and len({(layer.weight.dtype, layer.weight.device) for layer in layers}) == 1)
+
+
+def fuse_projections(model: nn.Module, siblings: tuple[tuple[str, ...], ...] = SIBLINGS) -> int:
+    """Group ``model``'s sibling projections (children named as in ``siblings``, of one module, reading
+    one input), in place; returns how many groups. Run it after :func:`dsparse.sparsify`: SparseLinear
+    siblings get a :class:`ProjectionGroup`, ``nn.Linear`` siblings a :class:`DenseProjectionGroup`.
+    Siblings of other or mixed kinds, shapes or settings stay apart."""
+    groups = 0
+    for parent in model.modules():
+        for names in siblings:
+            layers = [parent._modules.get(name) for name in names]
+            if any(layer is None for layer in layers):
+                continue
+            if _sparse_compatible(layers):
+                group: Any = ProjectionGroup(layers)
+                for layer in layers:
+                    layer.projection_group = group
+                    layer._cache = None  # the group's operands replace the layer's own
+            elif _dense_compatible(layers):
+                group = DenseProjectionGroup(layers)
+                for layer in layers:
+                    layer.forward = functools.partial(group.output, layer)
+            else:
+                logger.info("dsparse: %s of %s stay apart (different kinds or settings)", names, type(parent).__name__)
+                continue
+            groups += 1
+    logger.info("dsparse: %d groups of sibling projections run fused", groups)
+    return groups
+
+
+def projection_groups(model: nn.Module) -> list[_Siblings]:
+    """The distinct projection groups of ``model`` (sparse and dense)."""
+    found: dict[int, _Siblings] = {}
+    for module in model.modules():
+        group = getattr(module, "projection_group", None)
+        forward = vars(module).get("forward")
+        if group is None and isinstance(forward, functools.partial) and isinstance(forward.func.__self__,
+                                                                                   DenseProjectionGroup):
+            group = forward.func.__self__
+        if group is not None:
+            found[id(group)] = group
+    return list(found.values())

@@ -1,0 +1,166 @@
+"""The sparse product ``Y = X Wᵀ`` of an N:M weight: its autograd function and its cached GEMM operands.
+
+A :class:`SparseProduct` owns what one such product needs: a backend and the operands
+derived from the kept values (compressed ``W``, double-pruned ``W̃ᵀ``), rebuilt when a mask
+changes and refreshed when the values change. :class:`~dsparse.nn.SparseLinear` is one
+over its own weight; a :class:`~dsparse.nn.projections.ProjectionGroup` is one over the
+weights of sibling layers stacked along ``out`` (q/k/v, gate/up), so that they run as one
+GEMM each way while every parameter stays its layer's own.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..backends import Backend
+
+
+class SparseProduct:
+    """Cached operands of an N:M product; subclasses say where the weights and masks come from."""
+
+    n: int
+    m: int
+    cache_operands: bool
+    _cache: tuple[tuple, tuple, Backend, Any] | None = None  # (mask key, value key, backend, operands)
+    _inference: tuple[Backend, Any] | None = None  # frozen forward-only operands (SparseLinear)
+
+    # ------------------------------------------------------------- what a subclass provides
+    def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept values ``(out, in·N/M)`` (detached), their positions ``idx`` and ``W̃ᵀ``'s ``keep_t``."""
+        raise NotImplementedError
+
+    def _mask_key(self) -> tuple:
+        """Changes whenever a mask (``idx``, ``keep_t``), the dtype or the device changes."""
+        raise NotImplementedError
+
+    def _value_key(self) -> tuple:
+        """Changes whenever the values may have changed."""
+        raise NotImplementedError
+
+    def _value_addresses(self) -> tuple[int, ...]:
+        """Where the values are read from (part of the key of a captured in-place refresh)."""
+        raise NotImplementedError
+
+    def _resolve_backend(self) -> Backend:
+        raise NotImplementedError
+
+    def _positions(self) -> torch.Tensor:
+        """The kept values' positions ``idx`` ``(out, in·N/M)``, as :meth:`_sources` gives them."""
+        raise NotImplementedError
+
+    def _param_grads(self, dvalues: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The gradients of the weight parameters given to :func:`sparse_product`, from ``dvalues``."""
+        raise NotImplementedError
+
+    def _draw_key(self) -> int | None:
+        """The MVUE draw key of this weight gradient, or None for the exact one."""
+        raise NotImplementedError
+
+    @property
+    def _dx_mode(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def refreshes_operands(self) -> bool:
+        """Whether operands are kept that follow the values (sparse training, cached)."""
+        raise NotImplementedError
+
+    @property
+    def operands_on_cuda(self) -> bool:
+        raise NotImplementedError
+
+    def _values_read_in_place(self) -> bool:
+        """Whether the refresh reads the values where they are stored (so a CUDA graph can replay it)."""
+        return True
+
+    # ------------------------------------------------------------- the cache
+    def _operands(self) -> tuple[Backend, Any]:
+        """The backend and its derived operands for the current values, rebuilt only when stale.
+
+        A change of the masks rebuilds the operands; a change of the values alone (an
+        optimizer step) refreshes them, which a backend may do in place.
+        """
+        if self._inference is not None:
+            return self._inference
+        cache = self._cache
+        mask_key = self._mask_key()
+        if cache is not None and cache[0] == mask_key:
+            if cache[1] != self._value_key():
+                self.refresh_cached_operands()
+            return self._cache[2], self._cache[3]
+        with torch.no_grad():
+            backend = self._resolve_backend()
+            values, idx, keep_t = self._sources()
+            ops = backend.prepare(values, idx, keep_t, self.n, self.m, dx=self._dx_mode)
+        self._cache = (mask_key, self._value_key(), backend, ops) if self.cache_operands else None
+        return backend, ops
+
+    @torch.no_grad()
+    def refresh_cached_operands(self) -> None:
+        """Rewrite the cached operands from the current values (masks unchanged) and mark them current."""
+        mask_key, _, backend, ops = self._cache
+        values, idx, keep_t = self._sources()
+        ops = backend.refresh(ops, values, idx, keep_t, self.n, self.m, dx=self._dx_mode)
+        self._cache = (mask_key, self._value_key(), backend, ops)
+
+    def mark_operands_current(self) -> None:
+        """Record that the cached operands match the current values (refreshed, e.g. by a graph replay)."""
+        mask_key, _, backend, ops = self._cache
+        self._cache = (mask_key, self._value_key(), backend, ops)
+
+    def refresh_operands(self) -> None:
+        """Bring the cached operands up to date now instead of in the next forward."""
+        if self.refreshes_operands:
+            self._operands()
+
+    def in_place_refresh_key(self) -> tuple | None:
+        """The addresses an in-place refresh of the cached operands reads and writes, or None when the
+        next refresh is not in place (no cache yet, a mask changed, values gathered anew, or a
+        backend that reallocates)."""
+        cache = self._cache
+        if (cache is None or not self._values_read_in_place() or cache[0] != self._mask_key()
+                or not cache[2].refreshes_in_place(cache[3])):
+            return None
+        return (cache[0], self._value_addresses(), cache[2].operand_addresses(cache[3]))
+
+
+class _SparseProductFunction(torch.autograd.Function):
+    """Forward with ``M⊙W``, input gradient with the double-pruned ``W̃``, weight gradient at kept entries."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, product: SparseProduct, *params: torch.Tensor):
+        backend, ops = product._operands()
+        x2d = x.reshape(-1, x.shape[-1])
+        y = backend.linear(ops, x2d, bias)
+        ctx.product = product
+        ctx.backend = backend
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, *params)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x = ctx.saved_tensors[0]
+        product: SparseProduct = ctx.product
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        dx = dbias = None
+        dparams: tuple[torch.Tensor | None, ...] = (None,) * (len(ctx.needs_input_grad) - 3)
+        if ctx.needs_input_grad[0]:
+            _, ops = product._operands()
+            dx = ctx.backend.grad_input(ops, dy2d).reshape(x.shape)
+        if any(ctx.needs_input_grad[3:]):
+            dvalues = ctx.backend.grad_values(dy2d, x2d, product._positions(), product.n, product.m,
+                                              product._draw_key())
+            dparams = product._param_grads(dvalues)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            dbias = dy2d.sum(0)
+        return (dx, dbias, None, *dparams)
+
+
+def sparse_product(x: torch.Tensor, bias: torch.Tensor | None, product: SparseProduct,
+                   params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``x @ Wᵀ + bias`` for ``product``'s weight, differentiable in ``x``, ``bias`` and ``params``
+    (the parameters the weight's values live in, which get the kept-entry gradients)."""
+    return _SparseProductFunction.apply(x, bias, product, *params)

@@ -1,0 +1,152 @@
+"""dsparse.fuse_projections: q/k/v and gate/up as one product compute what the separate layers compute."""
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dsparse import SparseLinear, fuse_projections, fused_counts, sparse_modules, sparsify
+from dsparse.nn.operand_refresh import OperandRefresh
+from dsparse.nn.projections import ProjectionGroup, projection_groups
+
+
+def _llama(seed: int = 0) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def _pair(sparse: bool, **sparsity):
+    model = _llama()
+    if sparse:
+        sparsify(model, {"mask_change_freq": 2, **sparsity})
+    fused = copy.deepcopy(model)
+    assert fuse_projections(fused) == 4  # q/k/v and gate/up of 2 blocks
+    return model, fused
+
+
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_grouped_projections_give_the_separate_layers_losses_and_gradients(sparse, grad_ckpt):
+    model, fused = _pair(sparse)
+    if sparse:  # active adapters add onto their layer's slice
+        for m in (model, fused):
+            for i, (_, layer) in enumerate(sparse_modules(m)):
+                layer.add_adapter(4, generator=torch.Generator().manual_seed(i))
+                torch.nn.init.normal_(layer.adapter_b, generator=torch.Generator().manual_seed(i))
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert fused_counts(fused)["projections"] == 4 and fused_counts(model)["projections"] == 0
+    for m in (model, fused):
+        if grad_ckpt:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        m(input_ids=_ids(0), labels=_ids(0)).loss.backward()
+    want, got = _grads(model), _grads(fused)
+    assert want.keys() == got.keys() and len(want) == len(list(model.parameters()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_group_runs_one_product_with_its_own_operands_only():
+    _, fused = _pair(True)
+    group = fused.model.layers[0].self_attn.q_proj.projection_group
+    attn = fused.model.layers[0].self_attn
+    assert isinstance(group, ProjectionGroup) and group.layers == [attn.q_proj, attn.k_proj, attn.v_proj]
+    calls = []
+    linear = type(group.layers[0]._resolve_backend()).linear
+
+    def counted(self, ops, x2d, bias):
+        calls.append(ops.weight.shape)
+        return linear(self, ops, x2d, bias)
+
+    type(group.layers[0]._resolve_backend()).linear = counted
+    try:
+        fused(input_ids=_ids(0))
+    finally:
+        type(group.layers[0]._resolve_backend()).linear = linear
+    # per block: one q/k/v product (32+16+16 out), o_proj, one gate/up product (64+64 out), down_proj
+    assert [shape[0] for shape in calls] == [64, 32, 128, 32] * 2
+    layers = [layer for _, layer in sparse_modules(fused)]
+    assert all(layer._cache is None for layer in layers if layer.projection_group is not None)
+    assert all(g._cache is not None for g in projection_groups(fused))
+
+
+def test_grouped_training_follows_the_mask_schedule_like_separate_layers():
+    """AdamW steps with W̃ᵀ masks re-chosen every 2 steps and operands refreshed after each: same losses."""
+    model, fused = _pair(True)
+    losses = {}
+    for name, m in (("separate", model), ("grouped", fused)):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        refresh = OperandRefresh([layer for _, layer in sparse_modules(m)])
+        losses[name] = []
+        for step in range(5):
+            loss = m(input_ids=_ids(step), labels=_ids(step)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            refresh()
+            losses[name].append(loss.item())
+        for group in projection_groups(m):  # refreshed: the next forward rebuilds nothing
+            assert group._cache[0] == group._mask_key() and group._cache[1] == group._value_key()
+    torch.testing.assert_close(losses["grouped"], losses["separate"], rtol=1e-5, atol=0)
+    assert fused.model.layers[0].mlp.up_proj.step == model.model.layers[0].mlp.up_proj.step == 5
+    assert all(torch.equal(a.keep_t, b.keep_t) for (_, a), (_, b) in zip(sparse_modules(model), sparse_modules(fused)))
+
+
+def test_mvue_weight_gradients_of_a_group_repeat_exactly():
+    runs = []
+    for _ in range(2):
+        _, fused = _pair(True, mvue_dw=True)
+        fused(input_ids=_ids(0), labels=_ids(0)).loss.backward()
+        runs.append(_grads(fused))
+    assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+    assert all(torch.isfinite(g).all() for g in runs[0].values())
+
+
+def test_layers_run_alone_in_dense_warm_up_and_after_prepare_inference():
+    model, fused = _pair(True, compress=False)
+    for m in (model, fused):
+        for _, layer in sparse_modules(m):
+            layer.dense_mode = True
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=_ids(1)).logits, model(input_ids=_ids(1)).logits, rtol=0, atol=0)
+    assert all(g._cache is None for g in projection_groups(fused))
+    model, fused = _pair(True)
+    for m in (model, fused):
+        for _, layer in sparse_modules(m):
+            layer.prepare_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=_ids(1)).logits, model(input_ids=_ids(1)).logits, rtol=0, atol=0)
+
+
+def test_siblings_of_different_settings_stay_apart():
+    model = _llama()
+    sparsify(model, {"exclude": [r"k_proj"]})  # q/v sparse, k dense: not one kind
+    layers = model.model.layers[0]
+    layers.mlp.up_proj.mvue_dw = True  # block 0's gate/up differ in a setting
+    assert fuse_projections(model) == 1  # block 1's gate/up only
+    assert [name for name, layer in sparse_modules(model) if layer.projection_group is not None] == [
+        "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    assert "forward" not in vars(layers.self_attn.k_proj)
+
+
+def test_a_single_sibling_call_still_gets_its_slice():
+    layers = [SparseLinear(32, 16, bias=True), SparseLinear(32, 8, bias=True)]
+    alone = copy.deepcopy(layers)
+    group = ProjectionGroup(layers)
+    for layer in layers:
+        layer.projection_group = group
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(layers[1](x), alone[1](x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layers[1](x), alone[1](x), rtol=1e-6, atol=1e-6)  # the same sibling twice: anew
+    y = x.clone()
+    torch.testing.assert_close(layers[0](y), alone[0](y), rtol=1e-6, atol=1e-6)
