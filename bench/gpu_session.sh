@@ -111,7 +111,7 @@ for part in "$@"; do
                     step 1 llama-1b syncs/sparse_mvue_h${h}_$i --mode sparse --mvue_dw --steps 20 --host_syncs $h; done; done
                   merge bench/results/engine_${gpu}_syncs.json $runs/llama-1b_syncs/*.json ;;
     proj)         mkdir -p $runs/llama-1b_proj; rm -f $runs/llama-1b_proj/*.json
-                  for i in $(seq "${REPEATS:-1}"); do for p in on off; do
+                  for i in $(seq "${REPEATS:-1}"); do for p in ${PROJ:-on off}; do
                     for m in dense sparse; do step 1 llama-1b proj/${m}_p${p}_$i --mode $m --steps 20 --projections $p; done
                     step 1 llama-1b proj/sparse_mvue_p${p}_$i --mode sparse --mvue_dw --steps 20 --projections $p; done; done
                   merge bench/results/engine_${gpu}_proj.json $runs/llama-1b_proj/*.json ;;
