@@ -5,6 +5,10 @@ HF's ``LlamaMLP`` runs ``act_fn(gate) * up`` as two kernels forward and four bac
 ``(tokens, intermediate)`` activations. Here the forward reads ``g`` and ``u`` once and writes
 ``h`` (rounding ``silu(g)`` to the input dtype first, as HF does); the backward recomputes
 ``silu`` from ``g`` and writes ``dg`` and ``du`` in one pass, all arithmetic in fp32.
+
+``g`` and ``u`` may also be rows of a wider matrix (``(T, W)`` views at a row stride ``S``), as
+the two halves of a fused gate/up projection's output are; the backward can then write ``dg``
+and ``du`` into the halves of one gradient buffer, so no copy joins or splits them.
 """
 from __future__ import annotations
 
@@ -20,26 +24,37 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CONFIG = {"BLOCK": 4096, "num_warps": 8}
 
 
-def _silu_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, numel, BLOCK: tl.constexpr):
+def _row_offsets(offs, width, stride, STRIDED: tl.constexpr):
+    """Element ``offs`` of a ``(rows, width)`` operand whose rows lie ``stride`` elements apart."""
+    if STRIDED:
+        row = offs // width
+        return row * stride + (offs - row * width)
+    return offs
+
+
+def _silu_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, numel, width, stride, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0).to(tl.float32)
+    at = _row_offsets(offs, width, stride, STRIDED)
+    g = tl.load(g_ptr + at, mask=mask, other=0).to(tl.float32)
+    u = tl.load(u_ptr + at, mask=mask, other=0).to(tl.float32)
     act = (g / (1 + tl.exp(-g))).to(h_ptr.dtype.element_ty).to(tl.float32)
     tl.store(h_ptr + offs, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def _silu_mul_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, numel, BLOCK: tl.constexpr):
+def _silu_mul_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, numel, width, stride, BLOCK: tl.constexpr,
+                         STRIDED: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
+    at = _row_offsets(offs, width, stride, STRIDED)
     dh = tl.load(dh_ptr + offs, mask=mask, other=0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0).to(tl.float32)
+    g = tl.load(g_ptr + at, mask=mask, other=0).to(tl.float32)
+    u = tl.load(u_ptr + at, mask=mask, other=0).to(tl.float32)
     sig = 1 / (1 + tl.exp(-g))  # not tl.sigmoid: a @triton.jit function, which a DualKernel cannot call
     act = g * sig
-    tl.store(du_ptr + offs, (dh * act.to(g_ptr.dtype.element_ty).to(tl.float32)).to(du_ptr.dtype.element_ty),
+    tl.store(du_ptr + at, (dh * act.to(g_ptr.dtype.element_ty).to(tl.float32)).to(du_ptr.dtype.element_ty),
              mask=mask)
-    tl.store(dg_ptr + offs, (dh * u * sig * (1 + g * (1 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + at, (dh * u * sig * (1 + g * (1 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
 _FWD = DualKernel(_silu_mul_fwd_kernel)
@@ -51,7 +66,10 @@ def silu_mul_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(g) * u
 
 
-def _check(what: str, **tensors: torch.Tensor) -> torch.Tensor:
+def _check(what: str, rows: dict[str, torch.Tensor], dense: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Validate the operands; returns ``(width, row stride)`` of the ``rows`` operands (contiguous, or
+    2-D views with unit column stride sharing one row stride). ``dense`` operands must be contiguous."""
+    tensors = {**rows, **dense}
     first = next(iter(tensors.values()))
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.dtype not in _DTYPES:
@@ -59,10 +77,20 @@ def _check(what: str, **tensors: torch.Tensor) -> torch.Tensor:
         if t.shape != first.shape or t.dtype != first.dtype:
             raise ValueError(f"{what}: all operands need one shape and dtype; {name} is {tuple(t.shape)} "
                              f"{t.dtype}, expected {tuple(first.shape)} {first.dtype}")
+    check_same_device(what, first, **tensors)
+    width = first.shape[-1] if first.dim() else 1
+    strides = {t.stride() for t in rows.values()}
+    if all(t.is_contiguous() for t in rows.values()):
+        stride = width
+    elif len(strides) == 1 and first.dim() == 2 and first.stride(1) == 1:
+        stride = first.stride(0)
+    else:
+        raise ValueError(f"{what}: {', '.join(rows)} must be contiguous, or 2-D row views with one row stride "
+                         "(call .contiguous() first)")
+    for name, t in dense.items():
         if not t.is_contiguous():
             raise ValueError(f"{what}: {name} must be contiguous (call .contiguous() first)")
-    check_same_device(what, first, **tensors)
-    return first
+    return width, stride
 
 
 def _grid(numel: int) -> tuple[int]:
@@ -70,18 +98,22 @@ def _grid(numel: int) -> tuple[int]:
 
 
 def silu_mul_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``silu(g) · u`` elementwise (contiguous, same shape and dtype), as :func:`silu_mul_reference`."""
-    _check("silu_mul_forward", g=g, u=u)
-    h = torch.empty_like(g)
+    """``silu(g) · u`` elementwise (same shape and dtype), as :func:`silu_mul_reference`, into a new
+    contiguous tensor. ``g`` and ``u``: contiguous, or ``(T, W)`` row views sharing one row stride."""
+    width, stride = _check("silu_mul_forward", {"g": g, "u": u}, {})
+    h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if g.numel():
-        _FWD.launch(g.device, _grid(g.numel()), g, u, h, g.numel(), **CONFIG)
+        _FWD.launch(g.device, _grid(g.numel()), g, u, h, g.numel(), width, stride, STRIDED=stride != width, **CONFIG)
     return h
 
 
-def silu_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dg, du)`` of :func:`silu_mul_forward` for the output gradient ``dh``."""
-    _check("silu_mul_backward", dh=dh, g=g, u=u)
-    dg, du = torch.empty_like(g), torch.empty_like(u)
+def silu_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dg, du)`` of :func:`silu_mul_forward` for the contiguous output gradient ``dh``; written into
+    ``out`` when given (views with ``g``'s and ``u``'s strides, e.g. the halves of one buffer)."""
+    dg, du = out if out is not None else (torch.empty_like(g), torch.empty_like(u))
+    width, stride = _check("silu_mul_backward", {"g": g, "u": u, "dg": dg, "du": du}, {"dh": dh})
     if g.numel():
-        _BWD.launch(g.device, _grid(g.numel()), dh, g, u, dg, du, g.numel(), **CONFIG)
+        _BWD.launch(g.device, _grid(g.numel()), dh, g, u, dg, du, g.numel(), width, stride, STRIDED=stride != width,
+                    **CONFIG)
     return dg, du

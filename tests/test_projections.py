@@ -150,3 +150,35 @@ def test_a_single_sibling_call_still_gets_its_slice():
     torch.testing.assert_close(layers[1](x), alone[1](x), rtol=1e-6, atol=1e-6)  # the same sibling twice: anew
     y = x.clone()
     torch.testing.assert_close(layers[0](y), alone[0](y), rtol=1e-6, atol=1e-6)
+
+
+def _graph_nodes(fn) -> set[str]:
+    """The names of the autograd graph's nodes below ``fn``."""
+    seen, names, stack = set(), set(), [fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            names.add(node.name())
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_fused_swiglu_reads_a_grouped_gate_up_output_in_place(sparse):
+    from dsparse import fuse_model
+
+    model = _llama()
+    fuse_model(model, min_rows=0)
+    if sparse:
+        sparsify(model, {})
+    fused = copy.deepcopy(model)
+    fuse_projections(fused)
+    losses = [m(input_ids=_ids(2), labels=_ids(2)).loss for m in (model, fused)]
+    assert any("PackedSiluMul" in name for name in _graph_nodes(losses[1].grad_fn))
+    assert not any("PackedSiluMul" in name for name in _graph_nodes(losses[0].grad_fn))
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for (name, a), (_, b) in zip(model.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)

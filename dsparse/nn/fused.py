@@ -73,6 +73,33 @@ class _SiluMulFunction(torch.autograd.Function):
         return silu_mul_backward(dh.contiguous(), gate, up)
 
 
+class _PackedSiluMulFunction(torch.autograd.Function):
+    """``silu(g) · u`` of a fused gate/up output ``[g | u]``: the halves read in place, and their
+    gradients written into one buffer, which the fused projection's backward takes as it is."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        from kernels import silu_mul_forward
+
+        gu = gate_up.reshape(-1, gate_up.shape[-1])
+        width = gu.shape[1] // 2
+        ctx.save_for_backward(gu)
+        ctx.shape = gate_up.shape
+        h = silu_mul_forward(gu[:, :width], gu[:, width:])
+        return h.view(*gate_up.shape[:-1], width)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        from kernels import silu_mul_backward
+
+        (gu,) = ctx.saved_tensors
+        width = gu.shape[1] // 2
+        dgu = torch.empty_like(gu)
+        silu_mul_backward(dh.reshape(-1, width).contiguous(), gu[:, :width], gu[:, width:],
+                          out=(dgu[:, :width], dgu[:, width:]))
+        return dgu.view(ctx.shape)
+
+
 class _RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -156,7 +183,8 @@ class FusedRMSNorm(nn.Module):
 
 
 class FusedGatedMLP(nn.Module):
-    """HF ``LlamaMLP`` with ``silu``: ``down(silu(gate(x)) · up(x))``, the gate fused; same submodules."""
+    """HF ``LlamaMLP`` with ``silu``: ``down(silu(gate(x)) · up(x))``, the gate fused; same submodules.
+    When ``gate_proj`` and ``up_proj`` run as one projection group, the gate reads its output in place."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
                  min_rows: int = MIN_FUSED_ROWS) -> None:
@@ -165,6 +193,11 @@ class FusedGatedMLP(nn.Module):
         self.min_rows = min_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .projections import group_of
+
+        group = group_of([self.gate_proj, self.up_proj])  # one gate/up product: its halves in place
+        if group is not None and x.numel() >= self.min_rows * x.shape[-1]:
+            return self.down_proj(_PackedSiluMulFunction.apply(group.fused(x)))
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.numel() < self.min_rows * gate.shape[-1]:
             from kernels import silu_mul_reference

@@ -60,6 +60,15 @@ class _Siblings:
         self._pending = None if len(pending[4]) == len(self.layers) else pending
         return pending[3][i]
 
+    @property
+    def runs_fused(self) -> bool:
+        """Whether the siblings run as this group's product now (else each layer runs alone)."""
+        return True
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The siblings' outputs for ``x``, side by side along the last dimension (one product)."""
+        return self._fused(x)
+
     def _biases(self) -> torch.Tensor | None:
         biases = [layer.bias for layer in self.layers]
         return None if biases[0] is None else torch.cat(biases)
@@ -128,8 +137,11 @@ class ProjectionGroup(_Siblings, SparseProduct):
 
     @property
     def refreshes_operands(self) -> bool:
-        """Whether the siblings run as this group's product (else each layer runs alone)."""
         return all(layer.refreshes_operands for layer in self.layers)
+
+    @property
+    def runs_fused(self) -> bool:
+        return self.refreshes_operands
 
     @property
     def operands_on_cuda(self) -> bool:
@@ -188,15 +200,26 @@ def fuse_projections(model: nn.Module, siblings: tuple[tuple[str, ...], ...] = S
     return groups
 
 
+def group_of(layers: list[nn.Module]) -> _Siblings | None:
+    """The group that runs exactly ``layers`` (in this order) as one product now, if any."""
+    group = _group(layers[0])
+    return group if group is not None and group.layers == layers and group.runs_fused else None
+
+
+def _group(module: nn.Module) -> _Siblings | None:
+    group = getattr(module, "projection_group", None)
+    forward = vars(module).get("forward")
+    if group is None and isinstance(forward, functools.partial) and isinstance(forward.func.__self__,
+                                                                               DenseProjectionGroup):
+        group = forward.func.__self__
+    return group
+
+
 def projection_groups(model: nn.Module) -> list[_Siblings]:
     """The distinct projection groups of ``model`` (sparse and dense)."""
     found: dict[int, _Siblings] = {}
     for module in model.modules():
-        group = getattr(module, "projection_group", None)
-        forward = vars(module).get("forward")
-        if group is None and isinstance(forward, functools.partial) and isinstance(forward.func.__self__,
-                                                                                   DenseProjectionGroup):
-            group = forward.func.__self__
+        group = _group(module)
         if group is not None:
             found[id(group)] = group
     return list(found.values())

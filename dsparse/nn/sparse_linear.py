@@ -227,7 +227,7 @@ class SparseLinear(SparseProduct, nn.Module):
     def operand_owner(self) -> SparseProduct:
         """What keeps this layer's operands now: its projection group while that runs, else itself."""
         group = self.projection_group
-        return group if group is not None and group.refreshes_operands else self
+        return group if group is not None and group.runs_fused else self
 
     @property
     def _dx_mode(self) -> str:
@@ -372,7 +372,7 @@ class SparseLinear(SparseProduct, nn.Module):
         if self.dense_mode:
             return F.linear(x, self.weight, self.bias)
         group = self.projection_group
-        if group is not None and group.refreshes_operands:
+        if group is not None and group.runs_fused:
             y = group.output(self, x)
         else:
             y = sparse_product(x, self.bias, self, (self._param,))

@@ -45,3 +45,18 @@ def test_empty_and_bad_inputs(device):
         silu_mul_forward(g, u.half())
     with pytest.raises(ValueError, match="contiguous"):
         silu_mul_forward(g.t(), u.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_halves_of_one_buffer_match_contiguous_operands(device, dtype):
+    """A fused gate/up output's halves in place: the same numbers as copies, gradients into one buffer."""
+    gu, dh, _ = _inputs((37, 2 * 300), dtype, device, seed=3)
+    dh = dh[:, :300].contiguous()
+    g, u = gu[:, :300], gu[:, 300:]
+    assert torch.equal(silu_mul_forward(g, u), silu_mul_forward(g.contiguous(), u.contiguous()))
+    dgu = torch.full_like(gu, float("nan"))
+    dg, du = silu_mul_backward(dh, g, u, out=(dgu[:, :300], dgu[:, 300:]))
+    want = silu_mul_backward(dh, g.contiguous(), u.contiguous())
+    assert dg.data_ptr() == dgu.data_ptr() and torch.equal(dgu, torch.cat(want, dim=1))
+    with pytest.raises(ValueError, match="one row stride"):
+        silu_mul_forward(g, u.contiguous())
