@@ -24,18 +24,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CONFIG = {"BLOCK": 4096, "num_warps": 8}
 
 
-def _row_offsets(offs, width, stride, STRIDED: tl.constexpr):
-    """Element ``offs`` of a ``(rows, width)`` operand whose rows lie ``stride`` elements apart."""
-    if STRIDED:
-        row = offs // width
-        return row * stride + (offs - row * width)
-    return offs
-
-
 def _silu_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, numel, width, stride, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    at = _row_offsets(offs, width, stride, STRIDED)
+    at = offs  # element offs of (rows, width) operands whose rows lie stride elements apart
+    if STRIDED:  # (inlined: a DualKernel cannot call other functions)
+        at = offs // width * stride + offs % width
     g = tl.load(g_ptr + at, mask=mask, other=0).to(tl.float32)
     u = tl.load(u_ptr + at, mask=mask, other=0).to(tl.float32)
     act = (g / (1 + tl.exp(-g))).to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -46,7 +40,9 @@ def _silu_mul_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, numel, width, str
                          STRIDED: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    at = _row_offsets(offs, width, stride, STRIDED)
+    at = offs  # element offs of (rows, width) operands whose rows lie stride elements apart
+    if STRIDED:  # (inlined: a DualKernel cannot call other functions)
+        at = offs // width * stride + offs % width
     dh = tl.load(dh_ptr + offs, mask=mask, other=0).to(tl.float32)
     g = tl.load(g_ptr + at, mask=mask, other=0).to(tl.float32)
     u = tl.load(u_ptr + at, mask=mask, other=0).to(tl.float32)

@@ -85,6 +85,10 @@ def test_silu_mul_compiles(arch):
     g = torch.zeros(40, 5632, dtype=torch.bfloat16)
     _compile(lambda: silu_mul_forward(g, g), arch)
     _compile(lambda: silu_mul_backward(g, g, g), arch)
+    gu = torch.zeros(40, 2 * 5632, dtype=torch.bfloat16)  # a fused gate/up output's halves, in place
+    halves = (gu[:, :5632], gu[:, 5632:])
+    _compile(lambda: silu_mul_forward(*halves), arch)
+    _compile(lambda: silu_mul_backward(g, *halves, out=halves), arch)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
