@@ -71,6 +71,8 @@ def test_fused_kernels_train_like_the_hf_modules(runs, stage):
     plain, fused = runs["fusion"][f"stage{stage}_fused0"], runs["fusion"][f"stage{stage}_fused1"]
     assert set(plain["fused"].values()) == {0}
     assert fused["fused"].pop("projections") == (0 if stage == 3 else 4) and 0 not in fused["fused"].values()
+    # DeepSpeed's flat parameter buffers keep each group's values back to back: their stack is a view
+    assert fused["values_stacked_in_place"] == [True] * (0 if stage == 3 else 4)
     kernels = {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_silu_mul_fwd_kernel", "_silu_mul_bwd_kernel",
                "_rope_kernel"}
     assert kernels <= set(fused["launches"]) and not kernels & set(plain["launches"])

@@ -182,3 +182,20 @@ def test_fused_swiglu_reads_a_grouped_gate_up_output_in_place(sparse):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
     for (name, a), (_, b) in zip(model.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_grouping_puts_sibling_weights_back_to_back_so_the_stack_is_a_view():
+    from dsparse.nn.projections import stacked_rows
+
+    for sparse in (True, False):
+        _, fused = _pair(sparse)
+        attn = fused.model.layers[0].self_attn
+        weights = [layer.values if sparse else layer.weight for layer in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        stack = stacked_rows(weights)
+        assert stack.data_ptr() == weights[0].data_ptr() and stack.shape[0] == sum(w.shape[0] for w in weights)
+        torch.testing.assert_close(stack, torch.cat(weights), rtol=0, atol=0)
+        if sparse:
+            assert all(g.values_stacked_in_place for g in projection_groups(fused))
+    apart = [torch.randn(4, 3), torch.randn(2, 3)]
+    assert stacked_rows(apart).data_ptr() != apart[0].data_ptr()
+    torch.testing.assert_close(stacked_rows(apart), torch.cat(apart), rtol=0, atol=0)

@@ -14,7 +14,11 @@ optimizers, ZeRO-1/2, checkpoints and exports see no difference.
   stacked kept values, compressed once per mask change and refreshed after each optimizer
   step like a layer's own operands. Each layer's adapter still adds onto its slice.
 * ``nn.Linear`` siblings (a dense run, so dense and sparse compare alike) multiply by their
-  concatenated weights.
+  stacked weights.
+
+Grouping moves the siblings' weights back to back into one tensor (:func:`colocate`), and
+DeepSpeed's ZeRO-1/2 flat buffers keep them so, so the stack is a view, not a copy: no extra
+memory, nothing saved for backward but the parameters themselves (:func:`stacked_rows`).
 
 A group runs fused while its layers train sparse with cached operands (not during a dense
 warm-up, not after :meth:`SparseLinear.prepare_inference`, not under ZeRO-3, whose
@@ -38,6 +42,47 @@ logger = logging.getLogger(__name__)
 
 # children of one module that HF models call on the same input
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def colocate(params: list[torch.Tensor]) -> None:
+    """Give the parameters one storage, back to back in this order (same values), so that
+    :func:`stacked_rows` of them is a view."""
+    with torch.no_grad():
+        stacked = torch.cat([p.detach() for p in params])
+    for p, part in zip(params, stacked.split([p.shape[0] for p in params])):
+        p.data = part
+
+
+def stacked_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` along rows: a view when the parts lie back to back in one storage, else a copy."""
+    first = parts[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for part in parts:
+        if (not part.is_contiguous() or part.untyped_storage().data_ptr() != storage
+                or part.storage_offset() != offset or part.shape[1:] != first.shape[1:]):
+            return torch.cat(parts)
+        offset += part.numel()
+    return first.as_strided((sum(part.shape[0] for part in parts), *first.shape[1:]), first.stride(),
+                            first.storage_offset())
+
+
+class _StackedLinearFunction(torch.autograd.Function):
+    """``x Wᵀ + b`` for ``W`` the weights stacked along ``out``; saves the weights, not their stack."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, *weights)
+        return F.linear(x, stacked_rows(list(weights)), bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, *weights = ctx.saved_tensors
+        dy2d, x2d = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = dy.matmul(stacked_rows(weights)) if ctx.needs_input_grad[0] else None
+        dbias = dy2d.sum(0) if ctx.needs_input_grad[1] else None
+        dweights = (dy2d.t().mm(x2d).split([w.shape[0] for w in weights]) if any(ctx.needs_input_grad[2:])
+                    else (None,) * len(weights))
+        return (dx, dbias, *dweights)
 
 
 class _Siblings:
@@ -100,8 +145,14 @@ class ProjectionGroup(_Siblings, SparseProduct):
         return self._masks[1], self._masks[2]
 
     def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        values = torch.cat([layer.kept_values().detach() for layer in self.layers])
+        values = stacked_rows([layer.kept_values().detach() for layer in self.layers])
         return (values, *self._stacked_masks())
+
+    @property
+    def values_stacked_in_place(self) -> bool:
+        """Whether the layers' values lie back to back, so the stacked values are a view (no copy)."""
+        values = [layer.kept_values() for layer in self.layers]
+        return all(layer.compress for layer in self.layers) and stacked_rows(values).data_ptr() == values[0].data_ptr()
 
     def _positions(self) -> torch.Tensor:
         return self._stacked_masks()[0]
@@ -116,7 +167,7 @@ class ProjectionGroup(_Siblings, SparseProduct):
         return tuple(address for layer in self.layers for address in layer._value_addresses())
 
     def _values_read_in_place(self) -> bool:
-        # the stacked values are a copy, made inside the captured refresh (the graph's own memory)
+        # stacked values that are a copy are made inside the captured refresh (the graph's own memory)
         return all(layer._values_read_in_place() for layer in self.layers)
 
     def _resolve_backend(self) -> Backend:
@@ -152,7 +203,7 @@ class DenseProjectionGroup(_Siblings):
     """``nn.Linear`` siblings as one GEMM on their concatenated weights."""
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, torch.cat([layer.weight for layer in self.layers]), self._biases())
+        return _StackedLinearFunction.apply(x, self._biases(), *(layer.weight for layer in self.layers))
 
 
 def _sparse_compatible(layers: list[nn.Module]) -> bool:
@@ -188,10 +239,13 @@ def fuse_projections(model: nn.Module, siblings: tuple[tuple[str, ...], ...] = S
                 for layer in layers:
                     layer.projection_group = group
                     layer._cache = None  # the group's operands replace the layer's own
+                if layers[0].compress:
+                    colocate([layer.values for layer in layers])
             elif _dense_compatible(layers):
                 group = DenseProjectionGroup(layers)
                 for layer in layers:
                     layer.forward = functools.partial(group.output, layer)
+                colocate([layer.weight for layer in layers])
             else:
                 logger.info("dsparse: %s of %s stay apart (different kinds or settings)", names, type(parent).__name__)
                 continue

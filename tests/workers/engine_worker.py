@@ -152,7 +152,9 @@ def scenario_fusion(args) -> dict:
                 losses = [r["loss"] for r in train(engine, 0, 4)]
             finally:
                 _triton.DualKernel.launch = launch
-            out[f"stage{stage}_fused{int(enabled)}"] = {"losses": losses, "fused": counts, "launches": launches}
+            stacked = [group.values_stacked_in_place for group in dsparse.nn.projection_groups(engine.module)]
+            out[f"stage{stage}_fused{int(enabled)}"] = {"losses": losses, "fused": counts, "launches": launches,
+                                                        "values_stacked_in_place": stacked}
     return out
 
 
