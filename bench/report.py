@@ -79,7 +79,8 @@ def engine_table() -> list[str]:
         first = next(iter(data["runs"].values()))
         lines += [f"**Training step** (`{name}`; {first['model']}, {first['layers']} layers, ZeRO-{first['zero_stage']} "
                   f"bf16, {first['micro_batch_size']}x{first['seq_len']} tokens per GPU; "
-                  f"{_env(data.get('measured_environment') or data['environment'])})", "",
+                  f"{_env(data.get('measured_environment') or data['environment'])})",
+                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []), "",
                   "| mode | GPUs | step time | tokens/s | peak memory | vs dense |", "|---|---|---|---|---|---|"]
         for mode, run in data["runs"].items():
             ratio = data["vs_dense"].get(mode)

@@ -16,9 +16,10 @@ optimizers, ZeRO-1/2, checkpoints and exports see no difference.
 * ``nn.Linear`` siblings (a dense run, so dense and sparse compare alike) multiply by their
   stacked weights.
 
-Grouping moves the siblings' weights back to back into one tensor (:func:`colocate`), and
-DeepSpeed's ZeRO-1/2 flat buffers keep them so, so the stack is a view, not a copy: no extra
-memory, nothing saved for backward but the parameters themselves (:func:`stacked_rows`).
+Grouping moves the siblings' weights (and masks) back to back into one tensor each
+(:func:`colocate`), and DeepSpeed's ZeRO-1/2 flat buffers keep them so, so the stacks are
+views, not copies: no extra memory, nothing saved for backward but the parameters themselves
+(:func:`stacked_rows`).
 
 A group runs fused while its layers train sparse with cached operands (not during a dense
 warm-up, not after :meth:`SparseLinear.prepare_inference`, not under ZeRO-3, whose
@@ -140,8 +141,8 @@ class ProjectionGroup(_Siblings, SparseProduct):
     def _stacked_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._mask_key()
         if self._masks is None or self._masks[0] != key:
-            self._masks = (key, torch.cat([layer.idx for layer in self.layers]),
-                           torch.cat([layer.keep_t for layer in self.layers]))
+            self._masks = (key, stacked_rows([layer.idx for layer in self.layers]),
+                           stacked_rows([layer.keep_t for layer in self.layers]))
         return self._masks[1], self._masks[2]
 
     def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,9 +151,11 @@ class ProjectionGroup(_Siblings, SparseProduct):
 
     @property
     def values_stacked_in_place(self) -> bool:
-        """Whether the layers' values lie back to back, so the stacked values are a view (no copy)."""
-        values = [layer.kept_values() for layer in self.layers]
-        return all(layer.compress for layer in self.layers) and stacked_rows(values).data_ptr() == values[0].data_ptr()
+        """Whether the layers' values and masks lie back to back, so their stacks are views (no copies)."""
+        parts = [[layer.kept_values() for layer in self.layers], [layer.idx for layer in self.layers],
+                 [layer.keep_t for layer in self.layers]]
+        return (all(layer.compress for layer in self.layers)
+                and all(stacked_rows(tensors).data_ptr() == tensors[0].data_ptr() for tensors in parts))
 
     def _positions(self) -> torch.Tensor:
         return self._stacked_masks()[0]
@@ -239,8 +242,8 @@ def fuse_projections(model: nn.Module, siblings: tuple[tuple[str, ...], ...] = S
                 for layer in layers:
                     layer.projection_group = group
                     layer._cache = None  # the group's operands replace the layer's own
-                if layers[0].compress:
-                    colocate([layer.values for layer in layers])
+                for name in ("values", "idx", "keep_t") if layers[0].compress else ("idx", "keep_t"):
+                    colocate([getattr(layer, name) for layer in layers])
             elif _dense_compatible(layers):
                 group = DenseProjectionGroup(layers)
                 for layer in layers:
