@@ -6,7 +6,8 @@ onto its output), with adapter ranks 0, 1.56% and 6.25% of each layer's smaller 
 Weights are random (speed does not depend on them). Ratios are against the dense model
 measured in the same process. Dense and sparse models alike run the fused RMSNorm / SwiGLU /
 RoPE kernels (:func:`dsparse.fuse_model`; the prefill, not the few-row decode steps) unless
-``--fusion off``.
+``--fusion off``, and q/k/v and gate/up as one product each (:func:`dsparse.fuse_projections`)
+unless ``--projections off``.
 
     python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 16
 
@@ -22,7 +23,7 @@ import tempfile
 import torch
 
 from bench.common import gpu_tag, kernel_breakdown, time_ms, write_result
-from dsparse import fuse_model, fused_counts, sparse_modules, sparsify
+from dsparse import fuse_model, fuse_projections, fused_counts, sparse_modules, sparsify
 from dsparse.export import export_model, load_for_inference
 from dsparse.models import build_model
 
@@ -30,12 +31,9 @@ from dsparse.models import build_model
 def weight_bytes(model: torch.nn.Module) -> int:
     """Parameters, buffers and the sparse layers' frozen operands."""
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    for _, layer in sparse_modules(model):
-        if layer._inference is not None:
-            ops = layer._inference[1]
-            total += sum(getattr(ops, f).numel() * getattr(ops, f).element_size() for f in ("weight",)
-                         if getattr(ops, f, None) is not None)
-    return total
+    frozen = {id(layer._inference[1]): layer._inference[1] for _, layer in sparse_modules(model)
+              if layer._inference is not None}  # a projection group's layers share one operand
+    return total + sum(ops.weight.numel() * ops.weight.element_size() for ops in frozen.values())
 
 
 def measure(model, args, device) -> dict:
@@ -83,6 +81,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--fusion", choices=["on", "off"], default="on", help="fused RMSNorm / SwiGLU / RoPE kernels")
+    parser.add_argument("--projections", choices=["on", "off"], default="on",
+                        help="q/k/v and gate/up as one product each, dense and sparse alike")
     parser.add_argument("--profile", action="store_true", help="also one prefill per model under torch.profiler")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -94,6 +94,8 @@ def main() -> None:
     with device:  # initialise on the device: a 1B model builds in seconds there
         dense = build_model(args.model, args.vocab, args.prompt).to(dtype).eval()
     fuse(dense)
+    if args.projections == "on":
+        fuse_projections(dense)
     results = {"dense": measure(dense, args, device)}
     print(f"dense: {results['dense']}", flush=True)
     state = {k: v.cpu() for k, v in dense.state_dict().items()}
@@ -116,7 +118,8 @@ def main() -> None:
             export_model(model, tmp, dtype=dtype)
             del model
             gc.collect()
-            loaded = load_for_inference(tmp, device=device, dtype=dtype, backend=args.backend)
+            loaded = load_for_inference(tmp, device=device, dtype=dtype, backend=args.backend,
+                                        projections=args.projections == "on")
         fuse(loaded)
         name = f"sparse_r{fraction:g}"
         results[name] = measure(loaded, args, device)

@@ -130,7 +130,8 @@ def infer_table() -> list[str]:
         if a.get("fusion") == "on":  # runs from before RoPE was fused did not record their blocks
             blocks = data["results"]["dense"].get("fused_blocks", {"rms_norm": 1, "swiglu": 1})
             fused = ", fused " + "/".join(name for key, name in (("rms_norm", "RMSNorm"), ("swiglu", "SwiGLU"),
-                                                                 ("rope", "RoPE")) if blocks.get(key))
+                                                                 ("rope", "RoPE"), ("projections", "projections"))
+                                      if blocks.get(key))
         lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens, "
                   f"decode {a['new_tokens']} tokens{fused}; {_env(data['environment'])})",
                   *([f"", f"_{data['provenance']}_"] if "provenance" in data else []),

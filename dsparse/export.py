@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from . import checkpoint as ckpt
-from .nn import sparse_modules, sparsify
+from .nn import fuse_projections, sparse_modules, sparsify
 
 META = "dsparse.json"
 TRAINING_ONLY = ("keep_t", "mask_step")
@@ -78,11 +78,12 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, hf_config: str, tag: str | No
 
 
 def load_for_inference(export_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                       backend: str = "auto", release_state: bool = True) -> nn.Module:
+                       backend: str = "auto", release_state: bool = True, projections: bool = True) -> nn.Module:
     """A causal LM with the exported sparse layers, frozen for inference (forward operands only).
 
     Sparse layers run on cuSPARSELt where it can (``backend="auto"``), with their
-    adapters' multiply-add fused onto the sparse output; see
+    adapters' multiply-add fused onto the sparse output; with ``projections`` q/k/v and
+    gate/up run as one product each (:func:`dsparse.nn.fuse_projections`); see
     :meth:`dsparse.SparseLinear.prepare_inference` for ``release_state``.
     """
     with open(os.path.join(export_dir, META)) as f:
@@ -108,6 +109,8 @@ def load_for_inference(export_dir: str, device: str | torch.device | None = None
         raise ValueError(f"{export_dir} does not match its config: missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     model.to(device=device, dtype=dtype or getattr(torch, meta.get("dtype", "bfloat16"))).eval()
+    if projections:
+        fuse_projections(model)
     for _, layer in sparse_modules(model):
         layer.prepare_inference(release_state=release_state)
     return model

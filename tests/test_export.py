@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from dsparse import sparse_modules, sparsify
+from dsparse import fused_counts, sparse_modules, sparsify
 from dsparse.export import export_model, load_for_inference
 
 
@@ -38,6 +38,7 @@ def test_exported_model_computes_what_the_trained_one_did(tmp_path, kind, adapte
     assert len(layers) == len(list(sparse_modules(model)))
     assert all(layer.values.numel() == 0 and layer.idx.numel() == 0 for layer in layers)  # operands only
     assert all(layer.adapter_is_active == adapters for layer in layers)
+    assert fused_counts(loaded)["projections"] == (4 if kind == "llama" else 0)  # q/k/v, gate/up: one product each
     with pytest.raises(RuntimeError, match="inference only"):
         x = torch.randn(3, layers[0].in_features, requires_grad=True)
         layers[0](x).sum().backward()

@@ -112,20 +112,36 @@ def test_mvue_weight_gradients_of_a_group_repeat_exactly():
     assert all(torch.isfinite(g).all() for g in runs[0].values())
 
 
-def test_layers_run_alone_in_dense_warm_up_and_after_prepare_inference():
+def test_layers_run_alone_in_a_dense_warm_up():
     model, fused = _pair(True, compress=False)
     for m in (model, fused):
         for _, layer in sparse_modules(m):
             layer.dense_mode = True
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=_ids(1)).logits, model(input_ids=_ids(1)).logits, rtol=0, atol=0)
-    assert all(g._cache is None for g in projection_groups(fused))
+    assert all(g._cache is None and not g.runs_fused for g in projection_groups(fused))
+
+
+@pytest.mark.parametrize("adapters", [False, True])
+def test_a_group_frozen_for_inference_runs_one_operand_and_frees_the_layers(adapters):
     model, fused = _pair(True)
+    if adapters:
+        for m in (model, fused):
+            for i, (_, layer) in enumerate(sparse_modules(m)):
+                layer.add_adapter(2, generator=torch.Generator().manual_seed(i))
+                torch.nn.init.normal_(layer.adapter_b, generator=torch.Generator().manual_seed(i))
     for m in (model, fused):
         for _, layer in sparse_modules(m):
             layer.prepare_inference()
+    groups = projection_groups(fused)
+    assert all(g.runs_fused and g._inference is not None for g in groups)
+    for group in groups:  # one forward operand for the group, the layers' values and masks freed
+        assert all(layer._inference is group._inference and layer.values.numel() == 0 and layer.idx.numel() == 0
+                   for layer in group.layers)
+        assert group._inference[1].weight.shape == (group.out_features, group.in_features)
     with torch.no_grad():
-        torch.testing.assert_close(fused(input_ids=_ids(1)).logits, model(input_ids=_ids(1)).logits, rtol=0, atol=0)
+        torch.testing.assert_close(fused(input_ids=_ids(1)).logits, model(input_ids=_ids(1)).logits, rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_siblings_of_different_settings_stay_apart():

@@ -21,9 +21,10 @@ Grouping moves the siblings' weights (and masks) back to back into one tensor ea
 views, not copies: no extra memory, nothing saved for backward but the parameters themselves
 (:func:`stacked_rows`).
 
-A group runs fused while its layers train sparse with cached operands (not during a dense
-warm-up, not after :meth:`SparseLinear.prepare_inference`, not under ZeRO-3, whose
-parameters exist only while their own module runs); otherwise each layer runs alone.
+A group runs fused while its layers train sparse with cached operands and once frozen for
+inference (:meth:`SparseLinear.prepare_inference` builds one forward operand for the group);
+not during a dense warm-up, and never under ZeRO-3, whose parameters exist only while their
+own module runs. Otherwise each layer runs alone.
 """
 from __future__ import annotations
 
@@ -195,7 +196,17 @@ class ProjectionGroup(_Siblings, SparseProduct):
 
     @property
     def runs_fused(self) -> bool:
-        return self.refreshes_operands
+        return self._inference is not None or self.refreshes_operands
+
+    def _freeze(self, inference: tuple[Backend, Any]) -> None:
+        self._inference, self._cache = inference, None
+        for layer in self.layers:  # they run only through this group from now on
+            layer._freeze(inference)
+
+    def _release_state(self) -> None:
+        self._masks = None
+        for layer in self.layers:
+            layer._release_state()
 
     @property
     def operands_on_cuda(self) -> bool:

@@ -235,22 +235,27 @@ class SparseLinear(SparseProduct, nn.Module):
 
     @torch.no_grad()
     def prepare_inference(self, release_state: bool = True) -> None:
-        """Freeze the layer for inference: build the forward operand once, drop the input-gradient one.
+        """Freeze the layer for inference: build the forward operand once, drop the input-gradient one
+        (a grouped layer's group builds one for all its layers).
 
         With ``release_state`` the kept values and masks are freed as well (the compressed
         operand holds everything the forward needs), so the layer's weight memory is the
         compressed operand alone; the layer can no longer train or give a state_dict.
         """
-        param = self._param
-        backend = self._resolve_backend()
-        ops = backend.prepare(self.kept_values().detach(), self.idx, self.keep_t, self.n, self.m, dx="none")
-        self._inference = (backend, ops)
+        if self.projection_group is not None:
+            self.projection_group.prepare_inference(release_state)
+        else:
+            super().prepare_inference(release_state)
+
+    def _freeze(self, inference: tuple[Backend, Any]) -> None:
+        self._inference = inference
         self._cache = None
-        if release_state:
-            backend.release_sources(ops)
-            for tensor in (param, self.idx, self.keep_t):
-                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-            param.requires_grad_(False)
+
+    def _release_state(self) -> None:
+        param = self._param
+        for tensor in (param, self.idx, self.keep_t):
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        param.requires_grad_(False)
 
     def _mvue_key(self) -> int:
         """The draw key of this micro-batch's MVUE weight gradient: a function of (layer seed, optimizer

@@ -23,7 +23,7 @@ class SparseProduct:
     m: int
     cache_operands: bool
     _cache: tuple[tuple, tuple, Backend, Any] | None = None  # (mask key, value key, backend, operands)
-    _inference: tuple[Backend, Any] | None = None  # frozen forward-only operands (SparseLinear)
+    _inference: tuple[Backend, Any] | None = None  # frozen forward-only operands (prepare_inference)
 
     # ------------------------------------------------------------- what a subclass provides
     def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,6 +68,14 @@ class SparseProduct:
 
     @property
     def operands_on_cuda(self) -> bool:
+        raise NotImplementedError
+
+    def _freeze(self, inference: tuple[Backend, Any]) -> None:
+        """Make ``inference`` (backend, forward-only operands) what every forward runs on."""
+        raise NotImplementedError
+
+    def _release_state(self) -> None:
+        """Free the kept values and masks (the forward-only operands hold all the forward needs)."""
         raise NotImplementedError
 
     def _values_read_in_place(self) -> bool:
@@ -123,6 +131,21 @@ class SparseProduct:
                 or not cache[2].refreshes_in_place(cache[3])):
             return None
         return (cache[0], self._value_addresses(), cache[2].operand_addresses(cache[3]))
+
+
+    @torch.no_grad()
+    def prepare_inference(self, release_state: bool = True) -> None:
+        """Freeze for inference: the forward operand built once, no input-gradient operand; with
+        ``release_state`` the kept values and masks freed too (no more training or state_dict)."""
+        if self._inference is not None:
+            return
+        backend = self._resolve_backend()
+        values, idx, keep_t = self._sources()
+        ops = backend.prepare(values, idx, keep_t, self.n, self.m, dx="none")
+        self._freeze((backend, ops))
+        if release_state:
+            backend.release_sources(ops)
+            self._release_state()
 
 
 class _SparseProductFunction(torch.autograd.Function):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dsparse import SparseLinear, fuse_projections, sparsify
+from dsparse import SparseLinear, fuse_projections, sparse_modules, sparsify
 from dsparse.nn.operand_refresh import OperandRefresh
 from dsparse.nn.projections import ProjectionGroup
 
@@ -59,3 +59,21 @@ def test_group_graph_replay_equals_fresh_operands_across_a_mask_change(dtype):
             [layer.bias for layer in layers])
         torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert refresh.replays == 3  # steps 1, 4 and 7 (0, 3 and 6 capture)
+
+
+def test_loaded_export_with_groups_computes_what_separate_layers_do(tmp_path):
+    from dsparse.export import export_model, load_for_inference
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = sparsify(LlamaForCausalLM(cfg), {})
+    for _, layer in sparse_modules(model):
+        layer.add_adapter(4)
+        torch.nn.init.normal_(layer.adapter_b, std=0.01)
+    export_model(model, str(tmp_path), dtype=torch.bfloat16)
+    grouped, apart = (load_for_inference(str(tmp_path), device="cuda", projections=p) for p in (True, False))
+    ids = torch.randint(0, 256, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(input_ids=ids).logits.float(), apart(input_ids=ids).logits.float(),
+                                   rtol=2e-2, atol=2e-2)
