@@ -165,7 +165,7 @@ class SparseLinear(SparseProduct, nn.Module):
     @property
     def _param(self) -> nn.Parameter:
         """The trainable weight tensor: ``values``, or ``weight`` when not compressed."""
-        return self.values if self.compress else self.weight
+        return self._parameters["values" if self.compress else "weight"]
 
     def kept_values(self) -> torch.Tensor:
         """The kept weights ``(out, in·N/M)`` (a view of ``values``; gathered when not compressed)."""
@@ -190,9 +190,9 @@ class SparseLinear(SparseProduct, nn.Module):
         return self.idx
 
     def _mask_key(self) -> tuple:
-        param = self._param
-        return (self.keep_t.data_ptr(), self.keep_t._version, self.idx.data_ptr(), self.idx._version,
-                param.dtype, param.device)
+        buffers, param = self._buffers, self._param  # (the dicts directly: this runs on every product's hot path)
+        keep_t, idx = buffers["keep_t"], buffers["idx"]
+        return (keep_t.data_ptr(), keep_t._version, idx.data_ptr(), idx._version, param.dtype, param.device)
 
     def _value_key(self) -> tuple:
         param = self._param

@@ -158,6 +158,9 @@ class _SparseProductFunction(torch.autograd.Function):
         y = backend.linear(ops, x2d, bias)
         ctx.product = product
         ctx.backend = backend
+        # the backward's operands are the forward's (no step comes between); uncached ones (ZeRO-3) are
+        # rebuilt there rather than held through the forward
+        ctx.ops = ops if product.cache_operands else None
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, *params)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -171,7 +174,7 @@ class _SparseProductFunction(torch.autograd.Function):
         dx = dbias = None
         dparams: tuple[torch.Tensor | None, ...] = (None,) * (len(ctx.needs_input_grad) - 3)
         if ctx.needs_input_grad[0]:
-            _, ops = product._operands()
+            ops = ctx.ops if ctx.ops is not None else product._operands()[1]
             dx = ctx.backend.grad_input(ops, dy2d).reshape(x.shape)
         if any(ctx.needs_input_grad[3:]):
             dvalues = ctx.backend.grad_values(dy2d, x2d, product._positions(), product.n, product.m,
