@@ -18,7 +18,9 @@ every optimizer step (:meth:`SparseLinear.on_optimizer_step`, called by the opti
 or the dsparse engine; DeepSpeed writes parameters through ``.data``, which no version
 counter sees), after :meth:`mark_values_changed`, and whenever the parameter's storage or
 version counter moves (``load_state_dict``, ``.to()``, in-place edits). Micro-batches
-between steps reuse them.
+between steps reuse them. The cache and the autograd function are
+:mod:`.sparse_product`'s; a layer in a projection group (:mod:`.projections`) runs on its
+group's instead.
 """
 from __future__ import annotations
 
