@@ -30,6 +30,7 @@ def runs(tmp_path_factory):
         "eq_mpi": go("mpiexec", "equivalence", "--stages", "2"),
         "resume": go("deepspeed", "resume"),
         "resume_mvue": go("deepspeed", "resume", "--stages", "2", "--mvue_dw"),
+        "resume_proj": go("deepspeed", "resume", "--stages", "2", "--mvue_dw", "--projections"),
         "saved": go("deepspeed", "save_for_universal"),
         "fusion": go("deepspeed", "fusion", "--stages", "2,3"),
     }
@@ -128,6 +129,18 @@ def test_mvue_weight_gradients_train_differently_and_resume_exactly(runs):
     assert full != _losses(runs["resume"]["stage2"]["full"])  # the flag reaches the layers
     assert all(math.isfinite(loss) for loss in full)
     for resumed in result["resumed"]:  # the draws depend on (layer, step, micro-batch) only
+        assert _losses(resumed["rows"]) == full[resumed["k"]:]
+
+
+def test_grouped_projections_train_and_resume_exactly(runs):
+    """q/k/v and gate/up grouped (with MVUE weight gradients drawn over each group's stacked dY): a resumed
+    run continues bit for bit, across a mask change and the adapter switch."""
+    result = runs["resume_proj"]["stage2"]
+    assert result["projection_groups"] == 4 and runs["resume_mvue"]["stage2"]["projection_groups"] == 0
+    full = _losses(result["full"])
+    assert all(math.isfinite(loss) for loss in full)
+    assert _close(full, _losses(runs["resume_mvue"]["stage2"]["full"]), 0.05)  # other draws, the same training
+    for resumed in result["resumed"]:
         assert _losses(resumed["rows"]) == full[resumed["k"]:]
 
 

@@ -24,7 +24,7 @@ import dsparse  # noqa: E402
 from dsparse.distributed import mask_checksum  # noqa: E402
 
 GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 64
-OPTIONS = {"bf16": False, "backend": "auto", "mvue_dw": False}  # set from the command line
+OPTIONS = {"bf16": False, "backend": "auto", "mvue_dw": False, "projections": False}  # set from the command line
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -51,6 +51,8 @@ def ds_config(stage: int, world: int, ga: int = 1, bf16: bool = False, sparsity:
         "gradient_clipping": 0.5,
         "sparsity": sparsity,
     }
+    if OPTIONS["projections"]:  # q/k/v and gate/up grouped, without the (interpreted) Triton kernels
+        cfg["fusion"] = {"enabled": True, "rms_norm": False, "swiglu": False, "rope": False, "projections": True}
     if bf16:
         cfg["bf16"] = {"enabled": True}
     if universal:
@@ -188,7 +190,8 @@ def scenario_resume(args) -> dict:
             _, client = engine.load_checkpoint(ck)
             resumed.append({"k": k, "client_step": client["data_step"],
                             "rows": train(engine, client["data_step"], 8)})
-        out[f"stage{stage}"] = {"full": full, "resumed": resumed}
+        out[f"stage{stage}"] = {"full": full, "resumed": resumed,
+                                "projection_groups": dsparse.fused_counts(engine.module)["projections"]}
     return out
 
 
@@ -329,9 +332,10 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--mvue_dw", action="store_true", help="MVUE weight gradients in the sparse layers")
+    parser.add_argument("--projections", action="store_true", help="group q/k/v and gate/up (fusion.projections)")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    OPTIONS.update(bf16=args.bf16, backend=args.backend, mvue_dw=args.mvue_dw)
+    OPTIONS.update(bf16=args.bf16, backend=args.backend, mvue_dw=args.mvue_dw, projections=args.projections)
     deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     result = SCENARIOS[args.scenario](args)
     if dist.get_rank() == 0:
