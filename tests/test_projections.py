@@ -142,6 +142,9 @@ def test_a_group_frozen_for_inference_runs_one_operand_and_frees_the_layers(adap
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=_ids(1)).logits, model(input_ids=_ids(1)).logits, rtol=1e-5,
                                    atol=1e-6)
+        # decoding with a KV cache: one product per group on each step's few rows
+        tokens = [m.generate(_ids(1)[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0) for m in (model, fused)]
+    assert torch.equal(tokens[0], tokens[1])
 
 
 def test_siblings_of_different_settings_stay_apart():
