@@ -169,6 +169,15 @@ def test_a_single_sibling_call_still_gets_its_slice():
     torch.testing.assert_close(layers[1](x), alone[1](x), rtol=1e-6, atol=1e-6)  # the same sibling twice: anew
     y = x.clone()
     torch.testing.assert_close(layers[0](y), alone[0](y), rtol=1e-6, atol=1e-6)
+    input_grads = []
+    for siblings in (layers, alone):  # biases (as Qwen2's q/k/v have) get their slices' gradients
+        xg = x.clone().requires_grad_(True)
+        sum(layer(xg).square().sum() for layer in siblings).backward()
+        input_grads.append(xg.grad)
+    torch.testing.assert_close(input_grads[0], input_grads[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(layers, alone):
+        for name in ("values", "bias"):
+            torch.testing.assert_close(getattr(a, name).grad, getattr(b, name).grad, rtol=1e-5, atol=1e-6)
 
 
 def _graph_nodes(fn) -> set[str]:
