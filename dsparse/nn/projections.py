@@ -102,7 +102,7 @@ class _Siblings:
         pending = self._pending
         if (pending is None or pending[0] is not x or pending[1] != x._version
                 or pending[2] != torch.is_grad_enabled() or i in pending[4]):
-            pending = (x, x._version, torch.is_grad_enabled(), self._fused(x).split(self.sizes, dim=-1), set())
+            pending = (x, x._version, torch.is_grad_enabled(), self.fused(x).split(self.sizes, dim=-1), set())
         pending[4].add(i)
         self._pending = None if len(pending[4]) == len(self.layers) else pending
         return pending[3][i]
@@ -112,15 +112,12 @@ class _Siblings:
         """Whether the siblings run as this group's product now (else each layer runs alone)."""
         return True
 
-    def fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The siblings' outputs for ``x``, side by side along the last dimension (one product)."""
-        return self._fused(x)
-
     def _biases(self) -> torch.Tensor | None:
         biases = [layer.bias for layer in self.layers]
         return None if biases[0] is None else torch.cat(biases)
 
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The siblings' outputs for ``x``, side by side along the last dimension (one product)."""
         raise NotImplementedError
 
 
@@ -135,7 +132,7 @@ class ProjectionGroup(_Siblings, SparseProduct):
         self.cache_operands = True
         self._masks: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (mask key, stacked idx, keep_t)
 
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_product(x, self._biases(), self, tuple(layer._param for layer in self.layers))
 
     # ------------------------------------------------------------- SparseProduct
@@ -216,7 +213,7 @@ class ProjectionGroup(_Siblings, SparseProduct):
 class DenseProjectionGroup(_Siblings):
     """``nn.Linear`` siblings as one GEMM on their concatenated weights."""
 
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
         return _StackedLinearFunction.apply(x, self._biases(), *(layer.weight for layer in self.layers))
 
 
