@@ -5,11 +5,13 @@ from dsparse import SparseLinear
 from dsparse.nn.operand_refresh import OperandRefresh
 
 
-def _step(layers, gen):
-    """An optimizer step's worth of change: new values in place, the schedule advanced."""
+def step_values(layers, gen):
+    """An optimizer step's worth of change: new values in place, the schedule advanced (``gen`` on the
+    layers' device)."""
     with torch.no_grad():
         for layer in layers:
-            layer.values.add_(torch.randn(layer.values.shape, generator=gen, dtype=layer.values.dtype))
+            values = layer.values
+            values.add_(torch.randn(values.shape, generator=gen, dtype=values.dtype, device=values.device))
             layer.on_optimizer_step()
 
 
@@ -20,7 +22,7 @@ def test_operands_follow_the_values_without_a_forward_refresh():
     layers[0](x)  # operands built
     refresh = OperandRefresh(layers)
     for _ in range(3):  # the second step re-chooses W̃ᵀ's masks
-        _step(layers, gen)
+        step_values(layers, gen)
         refresh()
         for layer in layers:
             assert layer._cache[1] == layer._value_key()  # current: the forward will not refresh

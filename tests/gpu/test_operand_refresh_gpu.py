@@ -4,6 +4,7 @@ import torch
 
 from dsparse import SparseLinear
 from dsparse.nn.operand_refresh import OperandRefresh
+from test_operand_refresh import step_values
 
 pytestmark = pytest.mark.gpu
 
@@ -17,10 +18,7 @@ def test_graph_replay_equals_fresh_operands_across_a_mask_change(dtype):
     layers[1](torch.randn(64, 128, device="cuda", dtype=dtype))
     refresh = OperandRefresh(layers)
     for step in range(8):  # steps 2 and 5 re-choose W̃ᵀ's masks: eager, then a new graph
-        with torch.no_grad():
-            for layer in layers:
-                layer.values.add_(torch.randn(layer.values.shape, generator=gen, device="cuda", dtype=dtype))
-                layer.on_optimizer_step()
+        step_values(layers, gen)
         refresh()
         for layer in layers:
             backend, ops = layer._cache[2], layer._cache[3]

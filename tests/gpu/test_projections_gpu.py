@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dsparse import SparseLinear, fuse_projections, sparse_modules, sparsify
 from dsparse.nn.operand_refresh import OperandRefresh
+from test_operand_refresh import step_values
 from dsparse.nn.projections import ProjectionGroup
 
 pytestmark = pytest.mark.gpu
@@ -44,10 +45,7 @@ def test_group_graph_replay_equals_fresh_operands_across_a_mask_change(dtype):
     layers[0](x), layers[1](x)
     refresh = OperandRefresh(layers)
     for step in range(8):  # steps 2 and 5 re-choose W̃ᵀ's masks: eager, then a new graph
-        with torch.no_grad():
-            for layer in layers:
-                layer.values.add_(torch.randn(layer.values.shape, generator=gen, device="cuda", dtype=dtype))
-                layer.on_optimizer_step()
+        step_values(layers, gen)
         refresh()
         assert group._cache[1] == group._value_key() and all(layer._cache is None for layer in layers)
         backend, ops = group._cache[2], group._cache[3]
