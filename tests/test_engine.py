@@ -74,6 +74,8 @@ def test_fused_kernels_train_like_the_hf_modules(runs, stage):
     assert fused["fused"].pop("projections") == (0 if stage == 3 else 4) and 0 not in fused["fused"].values()
     # DeepSpeed's flat parameter buffers keep each group's values back to back: their stack is a view
     assert fused["values_stacked_in_place"] == [True] * (0 if stage == 3 else 4)
+    if stage == 3:  # grouping by hand is refused with the reason and the fix
+        assert "partitioned by ZeRO-3" in fused["refused"] and "ZeRO-1/2 only" in fused["refused"]
     kernels = {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_silu_mul_fwd_kernel", "_silu_mul_bwd_kernel",
                "_rope_kernel"}
     assert kernels <= set(fused["launches"]) and not kernels & set(plain["launches"])

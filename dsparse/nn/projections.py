@@ -238,13 +238,18 @@ def fuse_projections(model: nn.Module, siblings: tuple[tuple[str, ...], ...] = S
     """Group ``model``'s sibling projections (children named as in ``siblings``, of one module, reading
     one input), in place; returns how many groups. Run it after :func:`dsparse.sparsify`: SparseLinear
     siblings get a :class:`ProjectionGroup`, ``nn.Linear`` siblings a :class:`DenseProjectionGroup`.
-    Siblings of other or mixed kinds, shapes or settings stay apart."""
+    Siblings of other or mixed kinds, shapes or settings stay apart. ZeRO-3-partitioned layers are refused:
+    their parameters exist only while their own module runs."""
     groups = 0
     for parent in model.modules():
         for names in siblings:
             layers = [parent._modules.get(name) for name in names]
             if any(layer is None for layer in layers):
                 continue
+            if any(hasattr(p, "ds_id") for layer in layers for p in layer.parameters(recurse=False)):
+                raise ValueError(f"fuse_projections: {type(parent).__name__}'s {', '.join(names)} are partitioned "
+                                 "by ZeRO-3, which gathers a module's parameters only while it runs; group "
+                                 "projections under ZeRO-1/2 only (dsparse.initialize skips them under ZeRO-3)")
             if _sparse_compatible(layers):
                 group: Any = ProjectionGroup(layers)
                 for layer in layers:

@@ -155,8 +155,14 @@ def scenario_fusion(args) -> dict:
             finally:
                 _triton.DualKernel.launch = launch
             stacked = [group.values_stacked_in_place for group in dsparse.nn.projection_groups(engine.module)]
+            refused = None
+            if stage == 3:
+                try:
+                    dsparse.fuse_projections(engine.module)
+                except ValueError as e:
+                    refused = str(e)
             out[f"stage{stage}_fused{int(enabled)}"] = {"losses": losses, "fused": counts, "launches": launches,
-                                                        "values_stacked_in_place": stacked}
+                                                        "values_stacked_in_place": stacked, "refused": refused}
     return out
 
 
