@@ -23,6 +23,11 @@ def _env(env: dict) -> str:
             f"triton {env.get('triton')}")
 
 
+def _provenance(data: dict) -> list[str]:
+    """A result's provenance note (how and with what code it was measured), as italic lines, if it has one."""
+    return ["", f"_{data['provenance']}_"] if "provenance" in data else []
+
+
 def layer_table() -> list[str]:
     lines = []
     for name, data in _load("bench/results/layer_*.json"):
@@ -30,7 +35,7 @@ def layer_table() -> list[str]:
         if not rows:
             continue
         lines += [f"**Layer** (`{name}`; {_env(data['environment'])}): dense time / sparse time, same run",
-                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []),
+                  *_provenance(data),
                   "", "| in x out | tokens | dtype | fwd | dX | dW | whole step | MVUE dW | MVUE step |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -46,7 +51,7 @@ def kernel_table() -> list[str]:
     lines = []
     for name, data in _load("bench/results/kernels_*.json"):
         lines += [f"**Kernels** (`{name}`; {_env(data['environment'])})",
-                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []), "",
+                  *_provenance(data), "",
                   "| what | shape | Triton | torch | speedup |", "|---|---|---|---|---|"]
         for r in data.get("refresh", []):
             lines.append(f"| W̃ᵀ + W refresh after a step | {r['in']}x{r['out']} {r['dtype']} | "
@@ -80,7 +85,7 @@ def engine_table() -> list[str]:
         lines += [f"**Training step** (`{name}`; {first['model']}, {first['layers']} layers, ZeRO-{first['zero_stage']} "
                   f"bf16, {first['micro_batch_size']}x{first['seq_len']} tokens per GPU; "
                   f"{_env(data.get('measured_environment') or data['environment'])})",
-                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []), "",
+                  *_provenance(data), "",
                   "| mode | GPUs | step time | tokens/s | peak memory | vs dense |", "|---|---|---|---|---|---|"]
         for mode, run in data["runs"].items():
             ratio = data["vs_dense"].get(mode)
@@ -109,7 +114,7 @@ def profile_table() -> list[str]:
         lines += [f"**Where a step's GPU time goes** (`{name}`{chart}; {first['model']}, {first['micro_batch_size']}x"
                   f"{first['seq_len']} tokens, ZeRO-{first['zero_stage']} bf16; "
                   f"{_env(data.get('measured_environment') or data['environment'])}): ms per step, torch.profiler",
-                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []), "",
+                  *_provenance(data), "",
                   "| run | step (wall) | GPU busy | GPU idle | " + " | ".join(order) + " |",
                   "|---" * (len(order) + 4) + "|"]
         for label, run in runs.items():
@@ -134,7 +139,7 @@ def infer_table() -> list[str]:
                                       if blocks.get(key))
         lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens, "
                   f"decode {a['new_tokens']} tokens{fused}; {_env(data['environment'])})",
-                  *([f"", f"_{data['provenance']}_"] if "provenance" in data else []),
+                  *_provenance(data),
                   "", "| model | prefill | decode | weight memory |", "|---|---|---|---|"]
         for variant, r in data["vs_dense"].items():
             lines.append(f"| {variant} | {r['prefill_speedup']:.2f}x | {r['decode_speedup']:.2f}x | "
