@@ -44,6 +44,9 @@ REFRESH_CONFIGS = [
     {"BLOCK_H": 16, "BLOCK_G": 32, "num_warps": 4},
     {"BLOCK_H": 16, "BLOCK_G": 16, "num_warps": 4},
     {"BLOCK_H": 64, "BLOCK_G": 32, "num_warps": 8},
+    {"BLOCK_H": 16, "BLOCK_G": 16, "num_warps": 2},
+    {"BLOCK_H": 16, "BLOCK_G": 32, "num_warps": 2},
+    {"BLOCK_H": 8, "BLOCK_G": 32, "num_warps": 2},
 ]
 MASK_CONFIGS = [
     {"BLOCK_H": 16, "BLOCK_G": 16, "num_warps": 4},
@@ -59,6 +62,10 @@ MVUE_CONFIGS = [
     {"BLOCK_C": 256, "BLOCK_P": 32, "num_warps": 8},
     {"BLOCK_C": 128, "BLOCK_P": 128, "num_warps": 8},
     {"BLOCK_C": 32, "BLOCK_P": 128, "num_warps": 4},
+    {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 2},
+    {"BLOCK_C": 32, "BLOCK_P": 64, "num_warps": 2},
+    {"BLOCK_C": 64, "BLOCK_P": 16, "num_warps": 2},
+    {"BLOCK_C": 64, "BLOCK_P": 64, "num_warps": 8},
 ]
 LOWRANK_CONFIGS = [
     {"BLOCK_T": 128, "BLOCK_N": 128, "num_warps": 8},

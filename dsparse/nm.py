@@ -176,7 +176,8 @@ def mvue_pairs_kept(t: torch.Tensor, rand: torch.Tensor) -> tuple[torch.Tensor, 
     pairs = t.float().reshape(*t.shape[:-1], -1, 2)
     mag = pairs.abs()
     total = mag.sum(-1)
-    first = rand < torch.where(total > 0, mag[..., 0] / total.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+    # u < |a| / total, as a product (one fp32 rounding, the same in every kernel; no division)
+    first = (rand * total < mag[..., 0]) | (total == 0)
     value = torch.sign(torch.where(first, pairs[..., 0], pairs[..., 1])) * total
     return value.to(t.dtype), first
 

@@ -32,10 +32,15 @@ def _mvue_transpose_kernel(
     dy_ptr, o_ptr, m_ptr, key, tokens, cols, pairs,
     sd0, sd1, so0, so1,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ROUND_BF16: tl.constexpr, COMPRESSED: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    # tiles are (pairs, rows of S): dY's rows are read whole, along its contiguous dim
-    c = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
-    p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
+    # tiles are (pairs, rows of S): dY's rows are read whole, along its contiguous dim; offsets in
+    # int32 where every one fits (INT64 otherwise)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    if INT64:
+        c = c.to(tl.int64)
+        p = p.to(tl.int64)
     inside = (c < cols) & (p < pairs)
     t0 = 2 * p
     t1 = t0 + 1
@@ -55,12 +60,11 @@ def _mvue_transpose_kernel(
     u = (d >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
     mag_a = tl.abs(a)
     total = mag_a + tl.abs(b)
-    positive = total > 0
-    # IEEE division, as torch's: Triton's plain fp32 `/` is approximate on GPUs and flips rare draws
-    first = u < tl.where(positive, tl.math.div_rn(mag_a, tl.where(positive, total, 1.0)), 1.0)
+    # u < |a| / total as dsparse.nm.mvue_pairs_kept decides it: a product, no division
+    first = (u * total < mag_a) | (total == 0)
     kept = tl.where(first, a, b)
     value = tl.where(kept > 0, total, tl.where(kept < 0, -total, 0.0))
-    if ROUND_BF16:  # round to nearest even by hand: the interpreter's bf16 cast truncates
+    if ROUND_BF16:  # round to nearest even by hand: the interpreter's bf16 cast truncates (the GPU's rounds)
         bits = value.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         value = bits.to(tl.float32, bitcast=True)
@@ -73,8 +77,11 @@ def _mvue_transpose_kernel(
         low, high = tl.split(tl.permute(tl.reshape(nibble, [BLOCK_P // 2, BLOCK_C // 16, 2, 8]), [0, 1, 3, 2]))
         codes = tl.reshape(low | (high << 4), [BLOCK_P // 2, BLOCK_C // 2])
         half = tl.arange(0, BLOCK_C // 2)
-        r = (tl.program_id(0) * BLOCK_C + (half // 8) * 16 + half % 8).to(tl.int64)[None, :]
-        g = (tl.program_id(1) * (BLOCK_P // 2) + tl.arange(0, BLOCK_P // 2)).to(tl.int64)[:, None]
+        r = (tl.program_id(0) * BLOCK_C + (half // 8) * 16 + half % 8)[None, :]
+        g = (tl.program_id(1) * (BLOCK_P // 2) + tl.arange(0, BLOCK_P // 2))[:, None]
+        if INT64:
+            r = r.to(tl.int64)
+            g = g.to(tl.int64)
         byte = ((r // 64) * 16 * (2 * pairs) + (g // 8) * 512 + (r // 16 % 4) * 128 + (r % 8) * 16
                 + (g % 4) * 4 + (g // 4 % 2) * 2) // 2
         tl.store(m_ptr + byte, codes.to(tl.uint8), mask=(r < cols) & (g < pairs // 2))
@@ -160,11 +167,14 @@ def _check(what: str, dy: torch.Tensor, key: int, padded: int) -> tuple[int, int
 
 def _launch(dy: torch.Tensor, key: int, padded: int, out: torch.Tensor, meta: torch.Tensor,
             config: dict[str, int] | None, *, compressed: bool) -> None:
-    cfg = {**CONFIG, **(config or {})}
+    # int64 offsets only where some offset can pass 2**31 (INT64 in ``config`` forces either, for tests)
+    int64 = max(dy.numel(), dy.stride(0) * dy.shape[0], out.numel(), 2 * meta.numel()) >= 2**31
+    cfg = {**CONFIG, "INT64": int64, **(config or {})}
     if cfg["BLOCK_C"] % 16 or cfg["BLOCK_P"] % 2:
         raise ValueError(f"mvue kernels: BLOCK_C must be a multiple of 16 and BLOCK_P even, got {cfg}")
     tokens, cols = dy.shape
     grid = (triton.cdiv(cols, cfg["BLOCK_C"]), triton.cdiv(padded // 2, cfg["BLOCK_P"]))
     _KERNEL.launch(dy.device, grid, dy, out, meta, key, tokens, cols, padded // 2, dy.stride(0), dy.stride(1),
                    out.stride(0), out.stride(1), **cfg,
-                   ROUND_BF16=dy.dtype == torch.bfloat16, COMPRESSED=compressed)
+                   ROUND_BF16=dy.dtype == torch.bfloat16 and _KERNEL.is_interpreted(dy.device),
+                   COMPRESSED=compressed)

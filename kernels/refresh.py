@@ -28,7 +28,7 @@ __all__ = ["transpose_values", "transpose_values_reference", "VALUE_DTYPES"]
 
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # 4x4 blocks per program along out (BLOCK_H) and along in (BLOCK_G), powers of two
-CONFIG = {"BLOCK_H": 32, "BLOCK_G": 32, "num_warps": 8}
+CONFIG = {"BLOCK_H": 16, "BLOCK_G": 16, "num_warps": 4}  # best or level on the H100 and H200 (kernels_h200_llama1b.json)
 
 
 def _transpose_values_kernel(

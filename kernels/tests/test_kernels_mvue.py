@@ -45,6 +45,8 @@ def test_mvue_compress_equals_torch(tokens, cols, padded, dtype, device):
     assert got.shape == (cols, padded // 2 + padded // 16) and got.dtype == dtype
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(mvue_compress(dy, key, padded).view(torch.uint8), want.view(torch.uint8))  # default tiles
+    int64 = mvue_compress(dy, key, padded, config={"INT64": True})  # the offsets of tensors past 2**31 elements
+    assert torch.equal(int64.view(torch.uint8), want.view(torch.uint8))
     if device == "cuda":  # cuSPARSELt reads it as S (its own compress may place a zero group's slots elsewhere)
         eye = torch.eye(padded, dtype=dtype, device=device)
         assert torch.equal(torch._cslt_sparse_mm(got, eye), mvue_transpose(dy, key, padded))
