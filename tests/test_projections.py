@@ -147,6 +147,41 @@ def test_a_group_frozen_for_inference_runs_one_operand_and_frees_the_layers(adap
     assert torch.equal(tokens[0], tokens[1])
 
 
+def test_a_group_adds_its_adapters_as_one_product_unless_their_scales_or_states_differ(monkeypatch):
+    from dsparse.nn import projections
+
+    ranks = (2, 4, 3)  # q, k, v adapters of different ranks and one scale (alpha = rank): one multiply-add
+    layers = [SparseLinear(32, out, bias=False) for out in (16, 8, 8)]
+    for i, (layer, rank) in enumerate(zip(layers, ranks)):
+        layer.add_adapter(rank, alpha=rank, generator=torch.Generator().manual_seed(i), active=True)
+        torch.nn.init.normal_(layer.adapter_b, generator=torch.Generator().manual_seed(i))
+    alone = copy.deepcopy(layers)
+    group = ProjectionGroup(layers)
+    for layer in layers:
+        layer.projection_group = group
+    calls = []
+    add = projections.lowrank_add
+    monkeypatch.setattr(projections, "lowrank_add", lambda y, u, b, scale: calls.append(b.shape) or add(y, u, b, scale))
+    x = torch.randn(2, 5, 32)
+    for active in (True, False):  # all active: the group adds them; one inactive: each layer its own
+        layers[2].set_adapter_active(active)
+        alone[2].set_adapter_active(active)
+        calls.clear()
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        outs = [[layer(xi) for layer in siblings] for xi, siblings in zip(xs, (layers, alone))]
+        assert group.adds_adapters == active and calls == ([(32, 9)] if active else [])
+        for got, want in zip(*outs):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for xi, out in zip(xs, outs):
+            sum((o * torch.arange(o.shape[-1])).sum() for o in out).backward()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-6)
+        for layer, ref in zip(layers, alone):  # each adapter gets its own gradient (zero off its block)
+            for name in ("adapter_a", "adapter_b"):
+                got, want = getattr(layer, name), getattr(ref, name)
+                torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5, msg=name)
+                got.grad = want.grad = None
+
+
 def test_siblings_of_different_settings_stay_apart():
     model = _llama()
     sparsify(model, {"exclude": [r"k_proj"]})  # q/v sparse, k dense: not one kind

@@ -381,6 +381,8 @@ class SparseLinear(SparseProduct, nn.Module):
         group = self.projection_group
         if group is not None and group.runs_fused:
             y = group.output(self, x)
+            if group.adds_adapters:  # the group's product includes this layer's adapter
+                return y
         else:
             y = sparse_product(x, self.bias, self, (self._param,))
         if self.adapter_is_active:
