@@ -227,18 +227,26 @@ def _graph_nodes(fn) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("sparse", [True, False])
-def test_fused_swiglu_reads_a_grouped_gate_up_output_in_place(sparse):
+@pytest.mark.parametrize("sparse, adapters", [(True, None), (False, None), (True, "one scale"), (True, "two scales")])
+def test_fused_swiglu_reads_a_grouped_gate_up_output_in_place(sparse, adapters):
+    """Also with active adapters: gate/up's of one scale are in the group's output (q/k/v's of three
+    scales add per layer); of two scales, the MLP calls gate/up as layers."""
     from dsparse import fuse_model
 
     model = _llama()
     fuse_model(model, min_rows=0)
     if sparse:
         sparsify(model, {})
+    if adapters:
+        for i, (name, layer) in enumerate(sparse_modules(model)):
+            rank = 1 + i % 3 if adapters == "two scales" or not name.endswith(("gate_proj", "up_proj")) else 2
+            layer.add_adapter(rank, generator=torch.Generator().manual_seed(i))
+            torch.nn.init.normal_(layer.adapter_b, generator=torch.Generator().manual_seed(i))
     fused = copy.deepcopy(model)
     fuse_projections(fused)
     losses = [m(input_ids=_ids(2), labels=_ids(2)).loss for m in (model, fused)]
-    assert any("PackedSiluMul" in name for name in _graph_nodes(losses[1].grad_fn))
+    packed = adapters != "two scales"
+    assert any("PackedSiluMul" in name for name in _graph_nodes(losses[1].grad_fn)) == packed
     assert not any("PackedSiluMul" in name for name in _graph_nodes(losses[0].grad_fn))
     for loss in losses:
         loss.backward()

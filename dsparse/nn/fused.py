@@ -196,7 +196,7 @@ class FusedGatedMLP(nn.Module):
         from .projections import group_of
 
         group = group_of([self.gate_proj, self.up_proj])  # one gate/up product: its halves in place
-        if group is not None and x.numel() >= self.min_rows * x.shape[-1]:
+        if group is not None and group.fused_is_whole and x.numel() >= self.min_rows * x.shape[-1]:
             return self.down_proj(_PackedSiluMulFunction.apply(group.fused(x)))
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.numel() < self.min_rows * gate.shape[-1]:

@@ -115,6 +115,11 @@ class _Siblings:
         """Whether the siblings run as this group's product now (else each layer runs alone)."""
         return True
 
+    @property
+    def fused_is_whole(self) -> bool:
+        """Whether :meth:`fused` is the layers' whole output, so a caller may read it instead of calling them."""
+        return True
+
     def _biases(self) -> torch.Tensor | None:
         biases = [layer.bias for layer in self.layers]
         return None if biases[0] is None else torch.cat(biases)
@@ -149,6 +154,10 @@ class ProjectionGroup(_Siblings, SparseProduct):
         all and one multiply-add, instead of a pair of products per layer that each read ``x`` again."""
         layers = self.layers
         return all(layer.adapter_is_active for layer in layers) and len({layer.adapter_scale for layer in layers}) == 1
+
+    @property
+    def fused_is_whole(self) -> bool:
+        return self.adds_adapters or not any(layer.adapter_is_active for layer in self.layers)
 
     def _adapter_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[A_1; A_2; ..]`` and ``diag(B_1, B_2, ..)``: built in autograd's graph while training, once
