@@ -12,9 +12,10 @@ optimizers, ZeRO-1/2, checkpoints and exports see no difference.
 * SparseLinear siblings (same pattern, backend, dtype, ...) share one
   :class:`ProjectionGroup`: a :class:`~dsparse.nn.sparse_product.SparseProduct` over the
   stacked kept values, compressed once per mask change and refreshed after each optimizer
-  step like a layer's own operands. Active adapters of one scale add on as one more pair of
-  products: ``x`` times the stacked ``A``s, then one multiply-add with the ``B``s block-diagonal
-  (:meth:`ProjectionGroup.adds_adapters`); else each layer's adapter adds onto its slice.
+  step like a layer's own operands. Active adapters add on as one more pair of products:
+  ``x`` times the stacked ``A``s, then one multiply-add with the ``B``s block-diagonal
+  (:meth:`ProjectionGroup.adds_adapters`); while some are inactive, each active one adds onto
+  its slice.
 * ``nn.Linear`` siblings (a dense run, so dense and sparse compare alike) multiply by their
   stacked weights.
 
@@ -139,36 +140,40 @@ class ProjectionGroup(_Siblings, SparseProduct):
         self.in_features, self.out_features = first.in_features, sum(self.sizes)
         self.cache_operands = True
         self._masks: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (mask key, stacked idx, keep_t)
-        self._adapters: tuple[torch.Tensor, torch.Tensor] | None = None  # frozen for inference: (A stack, B diag)
+        self._adapters: tuple[torch.Tensor, torch.Tensor, float] | None = None  # frozen: (A stack, B diag, scale)
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         y = sparse_product(x, self._biases(), self, tuple(layer._param for layer in self.layers))
         if self.adds_adapters:
-            a, b = self._adapter_operands()
-            y = lowrank_add(y, F.linear(x, a), b, self.layers[0].adapter_scale)
+            a, b, scale = self._adapter_operands()
+            y = lowrank_add(y, F.linear(x, a), b, scale)
         return y
 
     @property
     def adds_adapters(self) -> bool:
-        """Whether the group adds its layers' adapters itself (all active, one scale): one ``x·Aᵀ`` for
-        all and one multiply-add, instead of a pair of products per layer that each read ``x`` again."""
-        layers = self.layers
-        return all(layer.adapter_is_active for layer in layers) and len({layer.adapter_scale for layer in layers}) == 1
+        """Whether the group adds its layers' adapters itself (all active): one ``x·Aᵀ`` for all and one
+        multiply-add, instead of a pair of products per layer that each read ``x`` again."""
+        return all(layer.adapter_is_active for layer in self.layers)
 
     @property
     def fused_is_whole(self) -> bool:
         return self.adds_adapters or not any(layer.adapter_is_active for layer in self.layers)
 
-    def _adapter_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[A_1; A_2; ..]`` and ``diag(B_1, B_2, ..)``: built in autograd's graph while training, once
-        when frozen for inference."""
+    def _adapter_operands(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``[A_1; A_2; ..]``, ``diag(B_1, B_2, ..)`` and the scale: built in autograd's graph while
+        training, once when frozen for inference. Adapters of different scales (q/k/v's ranks differ)
+        have them folded into their ``A`` rows (one bf16 rounding of ``A``) and scale 1."""
         if self._inference is not None and self._adapters is not None:
             return self._adapters
-        a = torch.cat([layer.adapter_a for layer in self.layers])
+        scales = [layer.adapter_scale for layer in self.layers]
+        if len(set(scales)) == 1:
+            a, scale = torch.cat([layer.adapter_a for layer in self.layers]), scales[0]
+        else:
+            a, scale = torch.cat([layer.adapter_a * s for layer, s in zip(self.layers, scales)]), 1.0
         b = torch.block_diag(*(layer.adapter_b for layer in self.layers))
         if self._inference is not None:
-            self._adapters = (a.detach(), b.detach())
-        return a, b
+            self._adapters = (a.detach(), b.detach(), scale)
+        return a, b, scale
 
     # ------------------------------------------------------------- SparseProduct
     def _stacked_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
