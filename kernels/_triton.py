@@ -16,7 +16,7 @@ launch; a training step launches hundreds).
 Kernels wrapped this way must not call other ``@triton.jit`` functions (those would be
 bound to one mode only, and ``tl.sum``, ``tl.sigmoid`` and the like are such functions);
 they inline everything. The one exception is the combine function of ``tl.reduce`` built as
-a ``JITFunction`` explicitly, which both modes accept (:mod:`kernels.norm`).
+a ``JITFunction`` explicitly, which both modes accept (:data:`SUM`).
 """
 from __future__ import annotations
 
@@ -28,10 +28,21 @@ import torch
 import triton
 from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
-__all__ = ["DualKernel", "check_same_device", "check_2d", "device_guard", "capture_launches", "compile_offline"]
+__all__ = ["SUM", "DualKernel", "check_same_device", "check_2d", "device_guard", "capture_launches", "compile_offline"]
 
 _captured: list | None = None
+
+
+def _add(a, b):
+    return a + b
+
+
+# tl.sum is a @triton.jit function, bound to the compiler or the interpreter at import, which a
+# DualKernel cannot call. tl.reduce is a builtin; this combine function for it is always a
+# JITFunction, which the compiler inlines and the interpreter calls as plain Python.
+SUM = JITFunction(_add)
 
 
 class DualKernel:
@@ -138,7 +149,7 @@ def compile_offline(kernel: DualKernel, args: Sequence[Any], kwargs: dict[str, A
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from triton.runtime.jit import create_function_from_signature
 
     fn = JITFunction(kernel.fn)
     target = GPUTarget("cuda", arch, 32)

@@ -18,25 +18,14 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
-from ._triton import DualKernel, check_2d, check_same_device
+from ._triton import SUM, DualKernel, check_2d, check_same_device
 
 __all__ = ["rms_norm_forward", "rms_norm_backward", "rms_norm_reference", "NORM_DTYPES"]
 
 NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_COLS = 65536  # one row per program, held in registers
 _BWD_PROGRAMS_PER_SM = 4
-
-
-def _add(a, b):
-    return a + b
-
-
-# tl.sum is a @triton.jit function, bound to the compiler or the interpreter at import, which a
-# DualKernel cannot call (see kernels._triton). tl.reduce is a builtin; its combine function here is
-# always a JITFunction, which the compiler inlines and the interpreter calls as plain Python.
-_SUM = JITFunction(_add)
 
 
 def _rms_norm_fwd_kernel(
@@ -47,7 +36,7 @@ def _rms_norm_fwd_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
     x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0).to(tl.float32)
-    rstd = tl.rsqrt(tl.reduce(x * x, 0, _SUM) / cols + eps)
+    rstd = tl.rsqrt(tl.reduce(x * x, 0, SUM) / cols + eps)
     n = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.float32)
     tl.store(y_ptr + row * sy + offs, (w * n).to(y_ptr.dtype.element_ty), mask=mask)
@@ -73,7 +62,7 @@ def _rms_norm_bwd_kernel(
         xhat = x * rstd
         dw += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
         dn = dy * w
-        dx = (dn - xhat * (tl.reduce(dn * xhat, 0, _SUM) / cols)) * rstd
+        dx = (dn - xhat * (tl.reduce(dn * xhat, 0, SUM) / cols)) * rstd
         tl.store(dx_ptr + row * sdx + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + pid * cols + offs, dw, mask=cmask)
 

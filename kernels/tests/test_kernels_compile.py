@@ -63,6 +63,8 @@ def test_lowrank_addmm_compiles(arch, dtype):
 def test_gather_kept_compiles(arch, dtype):
     _, idx = random_kept(64, 128, torch.bfloat16, "cpu", "randn")
     _compile(lambda: gather_kept(torch.zeros(64, 128, dtype=dtype), idx, 2, 4), arch)
+    # N and M not powers of two: the 3-D loads
+    _compile(lambda: gather_kept(torch.zeros(64, 120, dtype=dtype), torch.zeros(64, 60, dtype=torch.uint8), 3, 6), arch)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
