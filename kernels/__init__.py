@@ -5,6 +5,7 @@
 * :func:`transpose_keep_and_slots` — W̃ᵀ's ``keep_t`` and ``slots_t`` in one pass (at mask
   changes), bit-identical to ``nm.transpose_keep`` + ``cusparselt.transpose_slots``.
 * :func:`lowrank_addmm` — ``y + scale * (u @ bᵀ) (+ bias)`` fused, fp32 accumulation.
+* :func:`lowrank_silu_mul` — the same onto a fused gate/up output, SwiGLU's gate as its epilogue.
 * :func:`bias_add` — ``y + bias`` (the r = 0 path of :func:`lowrank_addmm`).
 * :func:`gather_kept` — a dense matrix's entries at N:M positions (the weight gradient's
   reduction to the kept entries).
@@ -22,7 +23,7 @@ tensors and through the Triton interpreter on CPU tensors (tests only: slow), wh
 None of them builds an autograd graph.
 """
 from .gather import gather_kept, gather_kept_reference
-from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference
+from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference, lowrank_silu_mul
 from .mvue import mvue_compress, mvue_compress_reference, mvue_transpose, mvue_transpose_reference
 from .norm import rms_norm_backward, rms_norm_forward, rms_norm_reference
 from .swiglu import silu_mul_backward, silu_mul_forward, silu_mul_reference
@@ -39,6 +40,7 @@ __all__ = [
     "transpose_keep_and_slots_reference",
     "lowrank_addmm",
     "lowrank_addmm_reference",
+    "lowrank_silu_mul",
     "bias_add",
     "bias_add_reference",
     "mvue_transpose",

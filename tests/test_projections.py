@@ -1,10 +1,12 @@
 """dsparse.fuse_projections: q/k/v and gate/up as one product compute what the separate layers compute."""
 import copy
+from unittest import mock
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import kernels
 from dsparse import SparseLinear, fuse_projections, fused_counts, sparse_modules, sparsify
 from dsparse.nn.operand_refresh import OperandRefresh
 from dsparse.nn.projections import ProjectionGroup, projection_groups
@@ -259,6 +261,11 @@ def test_fused_swiglu_reads_a_grouped_gate_up_output_in_place(sparse, adapters):
     tol = {"rtol": 1e-4, "atol": 1e-6} if adapters else {"rtol": 1e-5, "atol": 1e-7}  # scales folded into A
     for (name, a), (_, b) in zip(model.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, **tol, msg=name)
+    # without autograd, grouped gate/up adapters add on inside the gate's pass (kernels.lowrank_silu_mul)
+    with torch.no_grad(), mock.patch.object(kernels, "lowrank_silu_mul", wraps=kernels.lowrank_silu_mul) as spy:
+        logits = [m(input_ids=_ids(2)).logits for m in (model, fused)]
+    assert spy.call_count == (len(fused.model.layers) if sparse and packed and adapters else 0)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-6)
 
 
 def test_grouping_puts_sibling_weights_back_to_back_so_the_stack_is_a_view():

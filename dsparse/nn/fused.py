@@ -184,7 +184,8 @@ class FusedRMSNorm(nn.Module):
 
 class FusedGatedMLP(nn.Module):
     """HF ``LlamaMLP`` with ``silu``: ``down(silu(gate(x)) · up(x))``, the gate fused; same submodules.
-    When ``gate_proj`` and ``up_proj`` run as one projection group, the gate reads its output in place."""
+    When ``gate_proj`` and ``up_proj`` run as one projection group, the gate reads its output in place;
+    without autograd (inference), their adapters add on inside the gate's pass (:func:`kernels.lowrank_silu_mul`)."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
                  min_rows: int = MIN_FUSED_ROWS) -> None:
@@ -197,6 +198,8 @@ class FusedGatedMLP(nn.Module):
 
         group = group_of([self.gate_proj, self.up_proj])  # one gate/up product: its halves in place
         if group is not None and group.fused_is_whole and x.numel() >= self.min_rows * x.shape[-1]:
+            if group.adds_adapters and not torch.is_grad_enabled():
+                return self.down_proj(_adapted_silu_mul(group, x))
             return self.down_proj(_PackedSiluMulFunction.apply(group.fused(x)))
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.numel() < self.min_rows * gate.shape[-1]:
@@ -204,6 +207,18 @@ class FusedGatedMLP(nn.Module):
 
             return self.down_proj(silu_mul_reference(gate, up))
         return self.down_proj(_SiluMulFunction.apply(gate, up))
+
+
+def _adapted_silu_mul(group, x: torch.Tensor) -> torch.Tensor:
+    """``silu(g) · u`` of a gate/up group's output with its adapters, which add on in the gate's own pass:
+    ``[g | u]`` with adapters is never written."""
+    from kernels import lowrank_silu_mul
+
+    a, b, scale = group.adapter_operands()
+    y = group.product(x)
+    u = torch.nn.functional.linear(x, a)
+    h = lowrank_silu_mul(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b, scale)
+    return h.view(*y.shape[:-1], h.shape[-1])
 
 
 def _is_silu(act: nn.Module) -> bool:

@@ -121,6 +121,11 @@ class _Siblings:
         """Whether :meth:`fused` is the layers' whole output, so a caller may read it instead of calling them."""
         return True
 
+    @property
+    def adds_adapters(self) -> bool:
+        """Whether :meth:`fused` includes the layers' adapters (then :meth:`product` is the output without them)."""
+        return False
+
     def _biases(self) -> torch.Tensor | None:
         biases = [layer.bias for layer in self.layers]
         return None if biases[0] is None else torch.cat(biases)
@@ -143,11 +148,15 @@ class ProjectionGroup(_Siblings, SparseProduct):
         self._adapters: tuple[torch.Tensor, torch.Tensor, float] | None = None  # frozen: (A stack, B diag, scale)
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
-        y = sparse_product(x, self._biases(), self, tuple(layer._param for layer in self.layers))
+        y = self.product(x)
         if self.adds_adapters:
-            a, b, scale = self._adapter_operands()
+            a, b, scale = self.adapter_operands()
             y = lowrank_add(y, F.linear(x, a), b, scale)
         return y
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' sparse products (and biases) for ``x``, side by side, without adapters."""
+        return sparse_product(x, self._biases(), self, tuple(layer._param for layer in self.layers))
 
     @property
     def adds_adapters(self) -> bool:
@@ -159,7 +168,7 @@ class ProjectionGroup(_Siblings, SparseProduct):
     def fused_is_whole(self) -> bool:
         return self.adds_adapters or not any(layer.adapter_is_active for layer in self.layers)
 
-    def _adapter_operands(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def adapter_operands(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``[A_1; A_2; ..]``, ``diag(B_1, B_2, ..)`` and the scale: built in autograd's graph while
         training, once when frozen for inference. Adapters of different scales (q/k/v's ranks differ)
         have them folded into their ``A`` rows (one bf16 rounding of ``A``) and scale 1."""

@@ -7,7 +7,7 @@ are captured, not run, so the arguments are specialized exactly as on the GPU.
 import pytest
 import torch
 
-from kernels import (bias_add, gather_kept, lowrank_addmm, mvue_compress, mvue_transpose, rms_norm_backward,
+from kernels import (bias_add, gather_kept, lowrank_addmm, lowrank_silu_mul, mvue_compress, mvue_transpose, rms_norm_backward,
                      rms_norm_forward,
                      rope_backward, rope_forward, silu_mul_backward, silu_mul_forward, transpose_keep_and_slots,
                      transpose_values)
@@ -56,6 +56,7 @@ def test_lowrank_addmm_compiles(arch, dtype):
     # on CPU the wrapper picks the fp32 product for bf16 (an interpreter limitation): ask for the GPU's
     override = {"IEEE": False} if dtype == torch.bfloat16 else {}
     _compile(lambda: lowrank_addmm(y, u, b, 0.5, bias), arch, **override)
+    _compile(lambda: lowrank_silu_mul(y, u, b, 0.5), arch, **override)
 
 
 @pytest.mark.parametrize("arch", [80, 90])

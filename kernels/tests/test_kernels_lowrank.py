@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from kernels import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference
+from kernels import (bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference, lowrank_silu_mul,
+                     silu_mul_forward)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # relative size of one unit in the last place of the output dtype (the interpreter truncates to bf16)
@@ -112,3 +113,21 @@ def test_validation():
         lowrank_addmm(y, u, b, inplace=True, out=torch.empty_like(y))
     with pytest.raises(ValueError, match="bias is required"):
         bias_add(y, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 72, 12), (130, 64, 70)], ids=lambda s: f"T{s[0]}-width{s[1]}-r{s[2]}")
+def test_lowrank_silu_mul_is_lowrank_addmm_then_the_gate(device, shape, dtype):
+    tokens, width, rank = shape
+    y, u, b, _ = _inputs(tokens, 2 * width, rank, dtype, device, seed=rank, bias=False)
+    gate, up = lowrank_addmm(y, u, b, 0.5).chunk(2, dim=-1)
+    assert torch.equal(lowrank_silu_mul(y, u, b, 0.5), silu_mul_forward(gate, up))
+    out = torch.full((tokens, 2 * width), float("nan"), dtype=dtype, device=device)[:, :width]  # strided output
+    lowrank_silu_mul(y, u, b, 0.5, out=out)
+    assert torch.equal(out, silu_mul_forward(gate, up))
+
+
+def test_lowrank_silu_mul_needs_a_gate_up_pair():
+    y, u, b, _ = _inputs(4, 9, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="even width"):
+        lowrank_silu_mul(y, u, b)
