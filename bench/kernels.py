@@ -61,9 +61,9 @@ MVUE_CONFIGS = [
     {"BLOCK_C": 256, "BLOCK_P": 16, "num_warps": 4},
     {"BLOCK_C": 256, "BLOCK_P": 32, "num_warps": 8},
     {"BLOCK_C": 128, "BLOCK_P": 128, "num_warps": 8},
-    {"BLOCK_C": 32, "BLOCK_P": 128, "num_warps": 4},
+    {"BLOCK_C": 64, "BLOCK_P": 128, "num_warps": 4},
     {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 2},
-    {"BLOCK_C": 32, "BLOCK_P": 64, "num_warps": 2},
+    {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 8},
     {"BLOCK_C": 64, "BLOCK_P": 16, "num_warps": 2},
     {"BLOCK_C": 64, "BLOCK_P": 64, "num_warps": 8},
 ]

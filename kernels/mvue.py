@@ -73,18 +73,19 @@ def _mvue_transpose_kernel(
         position = tl.where(first, 0, 1) + 2 * (p & 1).to(tl.int32)
         pos0, pos1 = tl.split(tl.permute(tl.reshape(position, [BLOCK_P // 2, 2, BLOCK_C]), [0, 2, 1]))
         nibble = pos0 | (pos1 << 2)  # (group, row)
-        # a byte holds rows r (r // 8 even) and r + 8 of one group: its index in kernels.cslt_meta's layout // 2
+        # a byte holds rows r (r // 8 even) and r + 8 of one group; kernels.cslt_meta's layout puts a block
+        # of 64 rows x 8 groups in 256 consecutive bytes, at rq*64 + r8*8 + g_lo*2 + g_hi for row
+        # 16*rq + r8 (+8: high nibble) and group 4*g_hi + g_lo: arranged so here, the block stores as vectors
         low, high = tl.split(tl.permute(tl.reshape(nibble, [BLOCK_P // 2, BLOCK_C // 16, 2, 8]), [0, 1, 3, 2]))
-        codes = tl.reshape(low | (high << 4), [BLOCK_P // 2, BLOCK_C // 2])
-        half = tl.arange(0, BLOCK_C // 2)
-        r = (tl.program_id(0) * BLOCK_C + (half // 8) * 16 + half % 8)[None, :]
-        g = (tl.program_id(1) * (BLOCK_P // 2) + tl.arange(0, BLOCK_P // 2))[:, None]
+        codes = tl.reshape(low | (high << 4), [BLOCK_P // 16, 2, 4, BLOCK_C // 64, 4, 8])  # gb g_hi g_lo rb rq r8
+        codes = tl.reshape(tl.permute(codes, [3, 0, 4, 5, 2, 1]), [BLOCK_C // 64, BLOCK_P * 16])
+        rb = (tl.program_id(0) * (BLOCK_C // 64) + tl.arange(0, BLOCK_C // 64))[:, None]
+        j = tl.arange(0, BLOCK_P * 16)[None, :]
         if INT64:
-            r = r.to(tl.int64)
-            g = g.to(tl.int64)
-        byte = ((r // 64) * 16 * (2 * pairs) + (g // 8) * 512 + (r // 16 % 4) * 128 + (r % 8) * 16
-                + (g % 4) * 4 + (g // 4 % 2) * 2) // 2
-        tl.store(m_ptr + byte, codes.to(tl.uint8), mask=(r < cols) & (g < pairs // 2))
+            rb = rb.to(tl.int64)
+        byte = rb * (16 * pairs) + tl.program_id(1) * (BLOCK_P * 16) + j
+        groups_inside = tl.program_id(1) * (BLOCK_P // 2) + (j // 256) * 8 < pairs // 2
+        tl.store(m_ptr + byte, codes.to(tl.uint8), mask=(rb < cols // 64) & groups_inside)
     else:
         zero = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)  # (tl.zeros_like is a jit function: see _triton)
         tl.store(o_ptr + c * so0 + t0 * so1, tl.where(first, value, zero).to(o_ptr.dtype.element_ty), mask=inside)
@@ -172,6 +173,9 @@ def _launch(dy: torch.Tensor, key: int, padded: int, out: torch.Tensor, meta: to
     cfg = {**CONFIG, "INT64": int64, **(config or {})}
     if cfg["BLOCK_C"] % 16 or cfg["BLOCK_P"] % 2:
         raise ValueError(f"mvue kernels: BLOCK_C must be a multiple of 16 and BLOCK_P even, got {cfg}")
+    if compressed and (cfg["BLOCK_C"] % 64 or cfg["BLOCK_P"] % 16):
+        raise ValueError(f"mvue_compress: BLOCK_C must be a multiple of 64 and BLOCK_P of 16 (whole blocks of "
+                         f"cuSPARSELt's metadata), got {cfg}")
     tokens, cols = dy.shape
     grid = (triton.cdiv(cols, cfg["BLOCK_C"]), triton.cdiv(padded // 2, cfg["BLOCK_P"]))
     _KERNEL.launch(dy.device, grid, dy, out, meta, key, tokens, cols, padded // 2, dy.stride(0), dy.stride(1),
