@@ -15,7 +15,8 @@
   each way, bit-identical to HF's.
 * :func:`mvue_transpose` — the unbiased 2:4 sparsification of ``dYᵀ`` for MVUE weight
   gradients, transposed and padded in one pass; :func:`mvue_compress` writes it straight
-  into cuSPARSELt's compressed layout (:mod:`kernels.cslt_meta`).
+  into cuSPARSELt's compressed layout (:mod:`kernels.cslt_meta`); :func:`mvue_compress_swiglu`
+  does so for a gate/up projection inside SwiGLU's backward pass.
 
 Each has a pure-torch ``*_reference`` next to it. The kernels run compiled on CUDA
 tensors and through the Triton interpreter on CPU tensors (tests only: slow), whatever
@@ -24,7 +25,8 @@ None of them builds an autograd graph.
 """
 from .gather import gather_kept, gather_kept_reference
 from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference, lowrank_silu_mul
-from .mvue import mvue_compress, mvue_compress_reference, mvue_transpose, mvue_transpose_reference
+from .mvue import (mvue_compress, mvue_compress_reference, mvue_compress_swiglu, mvue_transpose,
+                   mvue_transpose_reference)
 from .norm import rms_norm_backward, rms_norm_forward, rms_norm_reference
 from .swiglu import silu_mul_backward, silu_mul_forward, silu_mul_reference
 from .rope import rope_backward, rope_forward, rope_reference
@@ -47,6 +49,7 @@ __all__ = [
     "mvue_transpose_reference",
     "mvue_compress",
     "mvue_compress_reference",
+    "mvue_compress_swiglu",
     "rms_norm_forward",
     "rms_norm_backward",
     "rms_norm_reference",

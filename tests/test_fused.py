@@ -184,3 +184,44 @@ def test_fused_rotary_keeps_hf_signature():
         assert len(calls) == launches
         want = apply_rotary_pos_emb(qq, kk, cos, sin, *args, **kwargs)
         assert all(torch.equal(a, b) for a, b in zip(fused(qq, kk, cos, sin, *args, **kwargs), want))
+
+
+def test_swiglu_backward_writes_the_gate_up_groups_mvue_operand(monkeypatch):
+    """Where the backend takes the MVUE ``S(dYᵀ)`` compressed (cuSPARSELt), SwiGLU's backward writes it for
+    the gate/up group in its own pass (kernels.mvue_compress_swiglu): same operand, same draws, same gradients."""
+    from dsparse import fuse_projections
+    from dsparse.backends import BACKENDS, ReferenceBackend
+    from dsparse.backends.base import padded_tokens
+    from kernels import mvue_compress_reference
+
+    class TakesCompressed(ReferenceBackend):
+        """The reference, told it compresses S(dYᵀ) as cuSPARSELt does: it checks what it is handed."""
+
+        def __init__(self) -> None:
+            self.handed: list[tuple[int, int]] = []
+
+        def compresses_mvue(self, dy2d):
+            return dy2d.shape[1] % 64 == 0
+
+        def grad_values(self, dy2d, x2d, idx, n, m, mvue_key=None, mvue_packed=None):
+            if mvue_packed is not None:
+                want = mvue_compress_reference(dy2d, mvue_key, padded_tokens(dy2d.shape[0]))
+                assert torch.equal(mvue_packed.view(torch.uint8), want.view(torch.uint8))
+                self.handed.append(tuple(dy2d.shape))
+            return super().grad_values(dy2d, x2d, idx, n, m, mvue_key)
+
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads, keys = [], []
+    for backend in (BACKENDS["reference"], TakesCompressed()):
+        monkeypatch.setitem(BACKENDS, "reference", backend)
+        model = _llama().to(torch.bfloat16)
+        sparsify(model, {"mvue_dw": True})
+        fuse_model(model, min_rows=0)
+        fuse_projections(model)
+        for _ in range(2):  # two micro-batches: two draws per layer
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+        keys.append([layer._mvue_calls for _, layer in sparse_modules(model)])
+    assert backend.handed == [(48, 256)] * 4  # each block's gate/up, each micro-batch
+    assert keys[0] == keys[1]
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])

@@ -63,15 +63,25 @@ class Backend(abc.ABC):
     def grad_input(self, ops: Any, dy2d: torch.Tensor) -> torch.Tensor:
         """``dy2d @ W̃`` for ``dy2d`` of shape ``(tokens, out)``: the input gradient."""
 
+    def compresses_mvue(self, dy2d: torch.Tensor) -> bool:
+        """Whether :meth:`grad_values` with an MVUE key would write ``S(dYᵀ)`` of ``dy2d`` with
+        :func:`kernels.mvue_compress`, and so takes it as ``mvue_packed`` from a kernel that
+        computes ``dy2d`` (SwiGLU's backward for a gate/up projection: :func:`kernels.mvue_compress_swiglu`)."""
+        return False
+
     def grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int,
-                    mvue_key: int | None = None) -> torch.Tensor:
+                    mvue_key: int | None = None, mvue_packed: torch.Tensor | None = None) -> torch.Tensor:
         """The weight gradient at the kept entries only, shape ``(out, in*n/m)``: a dense GEMM
         reduced to the kept entries (one Triton pass on CUDA, reading the uint8 positions).
 
         ``mvue_key`` (:func:`dsparse.nm.mvue_key`): use the unbiased MVUE 2:4 sparsification of
         ``dYᵀ`` along the tokens (:func:`dsparse.nm.mvue_pairs`, drawn from the key) instead of
-        ``dYᵀ`` itself, which backends may run as a sparse GEMM.
+        ``dYᵀ`` itself, which backends may run as a sparse GEMM. ``mvue_packed``: that
+        sparsification already compressed (``kernels.mvue_compress(dy2d, mvue_key, ..)``, written by
+        whoever computed ``dy2d``); only given where :meth:`compresses_mvue` says so.
         """
+        if mvue_packed is not None:
+            raise ValueError(f"{type(self).__name__} takes no compressed S(dYᵀ) (see compresses_mvue)")
         if mvue_key is not None:
             dyt = mvue_grad_output(dy2d, mvue_key)
             x2d = torch.nn.functional.pad(x2d, (0, 0, 0, dyt.shape[1] - x2d.shape[0]))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import nm
-from .base import Backend, mvue_grad_output, reduce_to_kept
+from .base import Backend, mvue_grad_output, padded_tokens, reduce_to_kept
 from .plans import Plan, plan_for
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -217,23 +217,28 @@ class CusparseltBackend(Backend):
             return torch.nn.functional.linear(x2d, ops.dense_operand("fwd"), bias)
         return _sparse_mm(ops.weight, x2d, bias, plan)
 
-    def grad_values(self, dy2d, x2d, idx, n, m, mvue_key=None):
+    def compresses_mvue(self, dy2d):
+        return dy2d.is_cuda and _direct_compress_ok(dy2d, padded_tokens(dy2d.shape[0]))
+
+    def grad_values(self, dy2d, x2d, idx, n, m, mvue_key=None, mvue_packed=None):
         """With ``mvue_key``: the MVUE weight gradient as a cuSPARSELt product, ``dW = S(dYᵀ) X``
         (the same numbers as the reference). Where the shapes compress unpadded, one Triton pass
-        writes ``S(dYᵀ)`` compressed (else cuSPARSELt compresses it); the product reads ``X`` as it is."""
+        writes ``S(dYᵀ)`` compressed (else cuSPARSELt compresses it), unless ``mvue_packed`` brings
+        it; the product reads ``X`` as it is."""
         if mvue_key is None:
-            return super().grad_values(dy2d, x2d, idx, n, m)
+            return super().grad_values(dy2d, x2d, idx, n, m, mvue_packed=mvue_packed)
         from . import cslt_binding
-        from .base import padded_tokens
 
         padded = padded_tokens(dy2d.shape[0])
         x2d = torch.nn.functional.pad(x2d, (0, 0, 0, padded - x2d.shape[0])) if padded > x2d.shape[0] else x2d
         alg_id = 0
-        if _direct_compress_ok(dy2d, padded):
+        if self.compresses_mvue(dy2d):
             from kernels import mvue_compress
 
-            packed = mvue_compress(dy2d, mvue_key, padded)
+            packed = mvue_compress(dy2d, mvue_key, padded) if mvue_packed is None else mvue_packed
             alg_id = plan_for("dw_mvue", padded, dy2d.shape[1], x2d.shape[1], x2d.dtype).alg_id
+        elif mvue_packed is not None:
+            raise ValueError("grad_values: mvue_packed given for a dY that compresses_mvue refuses")
         else:
             packed = torch._cslt_compress(mvue_grad_output(dy2d, mvue_key))
         if cslt_binding.available(x2d.dtype, x2d.device):

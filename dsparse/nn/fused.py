@@ -23,7 +23,9 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from ..backends.base import padded_tokens
 from ..config import FusionConfig
+from .sparse_product import SparseProduct
 
 logger = logging.getLogger(__name__)
 
@@ -75,29 +77,38 @@ class _SiluMulFunction(torch.autograd.Function):
 
 class _PackedSiluMulFunction(torch.autograd.Function):
     """``silu(g) · u`` of a fused gate/up output ``[g | u]``: the halves read in place, and their
-    gradients written into one buffer, which the fused projection's backward takes as it is."""
+    gradients written into one buffer, which the fused projection's backward takes as it is. When
+    that projection's weight gradient is MVUE on cuSPARSELt, the same pass writes its compressed
+    ``S(dYᵀ)`` too (:func:`kernels.mvue_compress_swiglu`), so the gradient is not read back for it."""
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate_up: torch.Tensor, product) -> torch.Tensor:
         from kernels import silu_mul_forward
 
         gu = gate_up.reshape(-1, gate_up.shape[-1])
         width = gu.shape[1] // 2
         ctx.save_for_backward(gu)
         ctx.shape = gate_up.shape
+        ctx.product = product if isinstance(product, SparseProduct) else None
         h = silu_mul_forward(gu[:, :width], gu[:, width:])
         return h.view(*gate_up.shape[:-1], width)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
-        from kernels import silu_mul_backward
+        from kernels import mvue_compress_swiglu, silu_mul_backward
 
         (gu,) = ctx.saved_tensors
         width = gu.shape[1] // 2
+        dh2d = dh.reshape(-1, width).contiguous()
         dgu = torch.empty_like(gu)
-        silu_mul_backward(dh.reshape(-1, width).contiguous(), gu[:, :width], gu[:, width:],
-                          out=(dgu[:, :width], dgu[:, width:]))
-        return dgu.view(ctx.shape)
+        product = ctx.product
+        key = product.mvue_key_for(dgu) if product is not None and width % 64 == 0 else None
+        if key is None:
+            silu_mul_backward(dh2d, gu[:, :width], gu[:, width:], out=(dgu[:, :width], dgu[:, width:]))
+        else:
+            _, packed = mvue_compress_swiglu(dh2d, gu, key, padded_tokens(gu.shape[0]), out=dgu)
+            product.hold_dw_operand(dgu, key, packed)
+        return dgu.view(ctx.shape), None
 
 
 class _RotaryFunction(torch.autograd.Function):
@@ -200,7 +211,7 @@ class FusedGatedMLP(nn.Module):
         if group is not None and group.fused_is_whole and x.numel() >= self.min_rows * x.shape[-1]:
             if group.adds_adapters and not torch.is_grad_enabled():
                 return self.down_proj(_adapted_silu_mul(group, x))
-            return self.down_proj(_PackedSiluMulFunction.apply(group.fused(x)))
+            return self.down_proj(_PackedSiluMulFunction.apply(group.fused(x), group))
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.numel() < self.min_rows * gate.shape[-1]:
             from kernels import silu_mul_reference

@@ -156,7 +156,7 @@ class ProjectionGroup(_Siblings, SparseProduct):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' sparse products (and biases) for ``x``, side by side, without adapters."""
-        return sparse_product(x, self._biases(), self, tuple(layer._param for layer in self.layers))
+        return sparse_product(x, self._biases(), self, self._params())
 
     @property
     def adds_adapters(self) -> bool:
@@ -225,6 +225,9 @@ class ProjectionGroup(_Siblings, SparseProduct):
         param = first._param
         return resolve_backend(first.backend, param.device, param.dtype, self.n, self.m, self.out_features,
                                self.in_features, layer=f"projections {self.sizes} of {self.in_features} inputs")
+
+    def _params(self) -> tuple[torch.Tensor, ...]:
+        return tuple(layer._param for layer in self.layers)
 
     def _param_grads(self, dvalues: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(layer._param_grad(d) for layer, d in zip(self.layers, dvalues.split(self.sizes)))

@@ -211,6 +211,9 @@ class SparseLinear(SparseProduct, nn.Module):
         return resolve_backend(self.backend, param.device, param.dtype, self.n, self.m, self.out_features,
                                self.in_features, layer=f"SparseLinear({self.in_features}, {self.out_features})")
 
+    def _params(self) -> tuple[torch.Tensor]:
+        return (self._param,)
+
     def _param_grads(self, dvalues: torch.Tensor) -> tuple[torch.Tensor]:
         return (self._param_grad(dvalues),)
 
@@ -384,7 +387,7 @@ class SparseLinear(SparseProduct, nn.Module):
             if group.adds_adapters:  # the group's product includes this layer's adapter
                 return y
         else:
-            y = sparse_product(x, self.bias, self, (self._param,))
+            y = sparse_product(x, self.bias, self, self._params())
         if self.adapter_is_active:
             y = lowrank_add(y, F.linear(x, self.adapter_a), self.adapter_b, self.adapter_scale)
         return y

@@ -24,6 +24,7 @@ class SparseProduct:
     cache_operands: bool
     _cache: tuple[tuple, tuple, Backend, Any] | None = None  # (mask key, value key, backend, operands)
     _inference: tuple[Backend, Any] | None = None  # frozen forward-only operands (prepare_inference)
+    _dw_operand: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (dY, MVUE key, S(dYᵀ) compressed)
 
     # ------------------------------------------------------------- what a subclass provides
     def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,6 +48,10 @@ class SparseProduct:
 
     def _positions(self) -> torch.Tensor:
         """The kept values' positions ``idx`` ``(out, in·N/M)``, as :meth:`_sources` gives them."""
+        raise NotImplementedError
+
+    def _params(self) -> tuple[torch.Tensor, ...]:
+        """The parameters the weight's values live in (what :func:`sparse_product` differentiates)."""
         raise NotImplementedError
 
     def _param_grads(self, dvalues: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -133,6 +138,32 @@ class SparseProduct:
         return (cache[0], self._value_addresses(), cache[2].operand_addresses(cache[3]))
 
 
+    # ------------------------------------------------------------- the weight gradient's operand
+    def mvue_key_for(self, dy2d: torch.Tensor) -> int | None:
+        """The MVUE draw key of the weight gradient for ``dy2d``, drawn now, when that gradient
+        will take ``S(dYᵀ)`` compressed by :func:`kernels.mvue_compress`: then the kernel computing
+        ``dy2d`` may write it as well and hand it over (:meth:`hold_dw_operand`). None otherwise
+        (no key is drawn)."""
+        cache = self._cache
+        if (cache is None or self._inference is not None or not any(p.requires_grad for p in self._params())
+                or not cache[2].compresses_mvue(dy2d)):
+            return None
+        return self._draw_key()
+
+    def hold_dw_operand(self, dy2d: torch.Tensor, key: int, packed: torch.Tensor) -> None:
+        """Keep ``packed`` (``S(dYᵀ)`` of ``dy2d``, drawn with ``key`` from :meth:`mvue_key_for`) for the
+        weight gradient of the backward that receives ``dy2d``."""
+        self._dw_operand = (dy2d, key, packed)
+
+    def _take_dw_operand(self, dy2d: torch.Tensor) -> tuple[int, torch.Tensor | None] | None:
+        """The held key and operand; the key alone if they were made from another tensor than ``dy2d``."""
+        held, self._dw_operand = self._dw_operand, None
+        if held is None:
+            return None
+        dy, key, packed = held
+        same = dy.data_ptr() == dy2d.data_ptr() and dy.shape == dy2d.shape and dy.stride() == dy2d.stride()
+        return key, packed if same else None
+
     @torch.no_grad()
     def prepare_inference(self, release_state: bool = True) -> None:
         """Freeze for inference: the forward operand built once, no input-gradient operand; with
@@ -176,9 +207,11 @@ class _SparseProductFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             ops = ctx.ops if ctx.ops is not None else product._operands()[1]
             dx = ctx.backend.grad_input(ops, dy2d).reshape(x.shape)
+        held = product._take_dw_operand(dy2d)
         if any(ctx.needs_input_grad[3:]):
-            dvalues = ctx.backend.grad_values(dy2d, x2d, product._positions(), product.n, product.m,
-                                              product._draw_key())
+            key, packed = held if held is not None else (product._draw_key(), None)
+            dvalues = ctx.backend.grad_values(dy2d, x2d, product._positions(), product.n, product.m, key,
+                                              mvue_packed=packed)
             dparams = product._param_grads(dvalues)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             dbias = dy2d.sum(0)

@@ -7,7 +7,8 @@ are captured, not run, so the arguments are specialized exactly as on the GPU.
 import pytest
 import torch
 
-from kernels import (bias_add, gather_kept, lowrank_addmm, lowrank_silu_mul, mvue_compress, mvue_transpose, rms_norm_backward,
+from kernels import (bias_add, gather_kept, lowrank_addmm, lowrank_silu_mul, mvue_compress, mvue_compress_swiglu,
+                     mvue_transpose, rms_norm_backward,
                      rms_norm_forward,
                      rope_backward, rope_forward, silu_mul_backward, silu_mul_forward, transpose_keep_and_slots,
                      transpose_values)
@@ -75,6 +76,8 @@ def test_mvue_kernels_compile(arch, dtype):
     _compile(lambda: mvue_transpose(torch.zeros(40, 64, dtype=dtype), 12345, 48), arch, **gpu)
     _compile(lambda: mvue_compress(torch.zeros(40, 64, dtype=dtype), 12345, 64), arch, **gpu)
     _compile(lambda: mvue_compress(torch.zeros(40, 64, dtype=dtype), 12345, 64, config={"INT64": True}), arch, **gpu)
+    gate_up, dh = torch.zeros(40, 128, dtype=dtype), torch.zeros(40, 64, dtype=dtype)
+    _compile(lambda: mvue_compress_swiglu(dh, gate_up, 12345, 64), arch, **gpu)
 
 
 @pytest.mark.parametrize("arch", [80, 90])

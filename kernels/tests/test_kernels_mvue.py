@@ -72,3 +72,44 @@ def test_mvue_draws_are_the_references_at_training_size(dtype):
     key = nm.mvue_key(3, 1)
     got = mvue_compress(dy, key, 16384)
     assert torch.equal(got.view(torch.uint8), mvue_compress_reference(dy, key, 16384).view(torch.uint8))
+
+
+@pytest.mark.parametrize("tokens, width, padded", [(64, 64, 64), (70, 128, 128), (130, 64, 192)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mvue_compress_swiglu_is_the_two_kernels(tokens, width, padded, dtype, device):
+    """SwiGLU's backward with S(dYᵀ) of its result compressed in the same pass: bit for bit what
+    silu_mul_backward then mvue_compress give (tokens past the end and padded rows of S included)."""
+    from kernels import mvue_compress_swiglu, silu_mul_backward
+
+    gen = torch.Generator().manual_seed(tokens + width)
+    gate_up = (2 * torch.randn(tokens, 2 * width, generator=gen)).to(dtype).to(device)
+    dh = torch.randn(tokens, width, generator=gen).to(dtype).to(device)
+    dh[:2, :5] = 0.0  # zero gradients: pairs of zeros in dY
+    key = nm.mvue_key(tokens, width, 3)
+    want = torch.empty_like(gate_up)
+    silu_mul_backward(dh, gate_up[:, :width], gate_up[:, width:], out=(want[:, :width], want[:, width:]))
+    want_packed = mvue_compress(want, key, padded)
+    assert torch.equal(want_packed.view(torch.uint8), mvue_compress_reference(want, key, padded).view(torch.uint8))
+    for config in (None, {"BLOCK_C": 128, "BLOCK_P": 32}, {"INT64": True}):
+        out = torch.full_like(gate_up, float("nan"))
+        dgu, packed = mvue_compress_swiglu(dh, gate_up, key, padded, out=out, config=config)
+        assert dgu is out and torch.equal(dgu.view(torch.int16), want.view(torch.int16))
+        assert torch.equal(packed.view(torch.uint8), want_packed.view(torch.uint8))
+    dgu, packed = mvue_compress_swiglu(dh.t().contiguous().t(), gate_up, key + 1, padded)  # strided dh, new draws
+    assert torch.equal(dgu, want) and not torch.equal(packed.view(torch.uint8), want_packed.view(torch.uint8))
+
+
+def test_mvue_compress_swiglu_rejects_bad_arguments():
+    from kernels import mvue_compress_swiglu
+
+    gate_up, dh = torch.randn(64, 256).half(), torch.randn(64, 128).half()
+    with pytest.raises(ValueError, match="I a multiple of 64"):
+        mvue_compress_swiglu(torch.randn(64, 96).half(), torch.randn(64, 48).half(), 0, 64)
+    with pytest.raises(ValueError, match="I a multiple of 64"):
+        mvue_compress_swiglu(dh[:, :64], gate_up, 0, 64)
+    with pytest.raises(TypeError, match="dh must be of dtype float16"):
+        mvue_compress_swiglu(dh.bfloat16(), gate_up, 0, 64)
+    with pytest.raises(TypeError, match="gate_up must be of dtype"):
+        mvue_compress_swiglu(dh.float(), gate_up.float(), 0, 64)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        mvue_compress_swiglu(dh, gate_up, 0, 96)
