@@ -34,6 +34,7 @@ import dsparse  # noqa: E402
 from dsparse.data import build_data  # noqa: E402
 from dsparse.engine import load_ds_config  # noqa: E402
 from dsparse.models import PRESETS, build_model, model_config  # noqa: E402
+from dsparse.process import end_process  # noqa: E402
 from dsparse.run_log import RunLog  # noqa: E402
 
 
@@ -271,3 +272,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()  # no interpreter finalization racing gloo's threads: see dsparse.process

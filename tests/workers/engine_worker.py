@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import dsparse  # noqa: E402
 from dsparse.distributed import mask_checksum  # noqa: E402
+from dsparse.process import end_process  # noqa: E402
 
 GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 64
 OPTIONS = {"bf16": False, "backend": "auto", "mvue_dw": False, "projections": False}  # set from the command line
@@ -347,8 +348,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"world_size": dist.get_world_size(), **result}, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process()  # not a return: see dsparse.process
 
 
 if __name__ == "__main__":
