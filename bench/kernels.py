@@ -8,6 +8,9 @@
   ``bias_add`` vs ``y + bias``;
 * ``mvue_compress`` (MVUE ``S(dYᵀ)`` written straight into cuSPARSELt's layout) against a copy of
   ``dY`` (the bandwidth it could reach), with a sweep of tile configs;
+* ``mvue_compress_swiglu`` (SwiGLU's backward writing the gate/up weight gradient's MVUE
+  ``S(dYᵀ)`` in its own pass) against ``silu_mul_backward`` then ``mvue_compress``, results
+  checked bit for bit, with the MVUE tile sweep;
 * the fused RMSNorm and SwiGLU gate (:mod:`dsparse.nn.fused`) vs HF's ``LlamaRMSNorm`` and
   ``silu(g) * u``, forward + backward through autograd (eager, so autograd's host time counts
   too; the step profiles of ``bench.step --profile`` give the kernels' own GPU time), at
@@ -72,6 +75,8 @@ LOWRANK_CONFIGS = [
     {"BLOCK_T": 128, "BLOCK_N": 128, "num_warps": 4},
     {"BLOCK_T": 64, "BLOCK_N": 128, "num_warps": 4},
     {"BLOCK_T": 128, "BLOCK_N": 64, "num_warps": 4},
+    {"BLOCK_T": 64, "BLOCK_N": 64, "num_warps": 4},  # lowrank_silu_mul's (CONFIG_GATED)
+    {"BLOCK_T": 64, "BLOCK_N": 256, "num_warps": 8},
 ]
 
 
@@ -234,6 +239,39 @@ def bench_mvue(tokens: int, out_f: int, dtype, device, timer, sweep: bool) -> di
             "best_ms": best["ms"], "best_gbps": best["gbps"], "sweep": timings}
 
 
+def bench_swiglu_mvue(tokens: int, inter: int, dtype, device, timer, sweep: bool) -> dict:
+    """SwiGLU's backward with the gate/up MVUE ``S(dYᵀ)`` in one pass vs the two kernels it replaces
+    (``silu_mul_backward`` into ``[dg | du]``, then ``mvue_compress`` of that), checked bit for bit."""
+    from kernels import mvue_compress, mvue_compress_swiglu, silu_mul_backward
+
+    gen = torch.Generator(device=device).manual_seed(4)
+    gate_up = torch.randn(tokens, 2 * inter, generator=gen, device=device).to(dtype)
+    dh = torch.randn(tokens, inter, generator=gen, device=device).to(dtype)
+    key = nm.mvue_key(0, 1, 3)
+    dgu = torch.empty_like(gate_up)
+
+    def two_kernels():
+        silu_mul_backward(dh, gate_up[:, :inter], gate_up[:, inter:], out=(dgu[:, :inter], dgu[:, inter:]))
+        return mvue_compress(dgu, key, tokens)
+
+    want = two_kernels()
+    got_dgu, got = mvue_compress_swiglu(dh, gate_up, key, tokens)
+    assert torch.equal(got_dgu.view(torch.int16), dgu.view(torch.int16))
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    moved = _nbytes(gate_up, dh, dgu, got)  # read [g | u] and dh, write [dg | du] and S compressed
+    out = torch.empty_like(gate_up)
+    timings = []
+    for cfg in (MVUE_CONFIGS if sweep else [mvue_mod.CONFIG]):
+        ms = timer(lambda: mvue_compress_swiglu(dh, gate_up, key, tokens, out=out, config=cfg))
+        timings.append({"config": cfg, "ms": ms, "gbps": _gbps(moved, ms)})
+    default = next(t for t in timings if t["config"] == mvue_mod.CONFIG) if sweep else timings[0]
+    best = _best(timings)
+    two_ms = timer(two_kernels)
+    return {"tokens": tokens, "inter": inter, "kernel_ms": default["ms"], "kernel_gbps": default["gbps"],
+            "two_kernels_ms": two_ms, "speedup": two_ms / default["ms"], "best_config": best["config"],
+            "best_ms": best["ms"], "best_gbps": best["gbps"], "sweep": timings}
+
+
 def bench_fused(tokens: int, hidden: int, inter: int, dtype, device, timer) -> dict:
     """Forward + backward of HF's RMSNorm, SwiGLU gate and rotary embedding (queries and keys of 64-wide
     heads, keys grouped 8:1 as llama-1b's, batch 8) vs the fused ones (same inputs, results checked)."""
@@ -303,7 +341,7 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.dry_run:
         device, timer, sweep = "cpu", _wall_ms, not args.no_sweep
-        shapes, (tokens, lr_out, rank), fused_shape = [(64, 48)], (32, 48, 8), (8, 64, 96)
+        shapes, (tokens, lr_out, rank), fused_shape = [(64, 48)], (32, 48, 8), (64, 64, 128)
         args.mvue = "64x64"
     else:
         if not torch.cuda.is_available():
@@ -336,12 +374,16 @@ def main() -> None:
         print(f"mvue_compress {shape} {args.dtype}: {m['kernel_ms']:.3f} ms ({m['kernel_gbps']:.0f} GB/s) vs copy "
               f"{m['copy_ms']:.3f} ms ({m['copy_gbps']:.0f} GB/s); best {m['best_config']} {m['best_ms']:.3f} ms "
               f"({m['best_gbps']:.0f} GB/s)", flush=True)
+    sm = {"dtype": args.dtype, **bench_swiglu_mvue(fused_shape[0], fused_shape[2], dtype, device, timer, sweep)}
+    print(f"mvue_compress_swiglu T={fused_shape[0]} I={fused_shape[2]} {args.dtype}: {sm['kernel_ms']:.3f} ms "
+          f"({sm['kernel_gbps']:.0f} GB/s) vs silu_mul_backward + mvue_compress {sm['two_kernels_ms']:.3f} ms = "
+          f"{sm['speedup']:.2f}x; best {sm['best_config']} {sm['best_ms']:.3f} ms", flush=True)
     fused = {"dtype": args.dtype, **bench_fused(*fused_shape, dtype, device, timer)}
     print(f"fused fwd+bwd {fused_shape}: RMSNorm {fused['rms_norm_fused_ms']:.3f} vs HF {fused['rms_norm_hf_ms']:.3f} ms "
           f"= {fused['rms_norm_speedup']:.1f}x | SwiGLU gate {fused['swiglu_fused_ms']:.3f} vs "
           f"{fused['swiglu_hf_ms']:.3f} ms = {fused['swiglu_speedup']:.1f}x | RoPE {fused['rope_fused_ms']:.3f} vs "
           f"{fused['rope_hf_ms']:.3f} ms = {fused['rope_speedup']:.1f}x", flush=True)
-    payload = {"refresh": rows, "lowrank": lr, "mvue": mvue, "fused": fused,
+    payload = {"refresh": rows, "lowrank": lr, "mvue": mvue, "swiglu_mvue": sm, "fused": fused,
                "defaults": {"refresh": refresh_mod.CONFIG, "mask": masks_mod.CONFIG, "lowrank": lowrank_mod.CONFIG,
                             "mvue": mvue_mod.CONFIG}}
     if args.dry_run:

@@ -157,9 +157,10 @@ class SparseProduct:
 
     def _take_dw_operand(self, dy2d: torch.Tensor) -> tuple[int, torch.Tensor | None] | None:
         """The held key and operand; the key alone if they were made from another tensor than ``dy2d``."""
-        held, self._dw_operand = self._dw_operand, None
+        held = self._dw_operand
         if held is None:
             return None
+        self._dw_operand = None
         dy, key, packed = held
         same = dy.data_ptr() == dy2d.data_ptr() and dy.shape == dy2d.shape and dy.stride() == dy2d.stride()
         return key, packed if same else None
