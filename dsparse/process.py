@@ -5,7 +5,7 @@ parameters hold theirs in ``ds_process_group``), so gloo's worker threads outliv
 one of them drops the last reference to a collective's tensor while the interpreter finalizes,
 it needs the GIL, is stopped by Python, and takes the process down with SIGABRT ("terminate
 called without an active exception", the faulthandler dump showing a finalizing main thread
-with no Python frame): about one in thirty two-rank ZeRO-3 runs of the test worker on CPU.
+with no Python frame): 2 of ~155 two-rank ZeRO-3 CPU runs of the test worker here, and a CI run.
 Ending with ``os._exit`` after a barrier leaves no finalization to race; every file a run
 writes (checkpoints, metrics, TensorBoard events) is closed and flushed before.
 """
