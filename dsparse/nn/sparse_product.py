@@ -137,7 +137,6 @@ class SparseProduct:
             return None
         return (cache[0], self._value_addresses(), cache[2].operand_addresses(cache[3]))
 
-
     # ------------------------------------------------------------- the weight gradient's operand
     def mvue_key_for(self, dy2d: torch.Tensor) -> int | None:
         """The MVUE draw key of the weight gradient for ``dy2d``, drawn now, when that gradient
