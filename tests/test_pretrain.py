@@ -133,3 +133,17 @@ def test_checkpoint_exports_for_inference(first_run, tmp_path):
     ids = torch.randint(0, 512, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, reference.eval()(input_ids=ids).logits)
+
+
+def test_ranks_end_together_at_end_process(tmp_path):
+    """dsparse.process.end_process: two ranks meet and exit with code 0; what they wrote reaches the log and
+    nothing after the call runs."""
+    script = tmp_path / "ends.py"
+    script.write_text("import sys, torch.distributed as dist\n"
+                      "from dsparse.process import end_process\n"
+                      "dist.init_process_group('gloo')\n"
+                      "sys.stdout.write(f'rank {dist.get_rank()} wrote')\n"
+                      "end_process()\n"
+                      "print('after end_process')\n")
+    out = run("deepspeed", str(script), []).stdout
+    assert "rank 0 wrote" in out and "rank 1 wrote" in out and "after end_process" not in out
