@@ -179,9 +179,8 @@ def mvue_compress(dy: torch.Tensor, key: int, padded: int, *,
     if dy.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"{what}: cuSPARSELt's 2:4 operands are fp16 or bf16, got {dy.dtype}")
     check_shape(what, cols, padded)
-    packed = torch.empty(cols, padded // 2 + padded // 16, dtype=dy.dtype, device=dy.device)
-    values = packed.view(-1)[: cols * padded // 2].view(cols, padded // 2)
-    _launch(dy, key, padded, values, packed.view(torch.uint8).view(-1)[cols * padded:], config, compressed=True)
+    packed, values, meta = _compressed_operand(cols, padded, dy)
+    _launch(dy, key, padded, values, meta, config, compressed=True)
     return packed
 
 
@@ -210,10 +209,8 @@ def mvue_compress_swiglu(dh: torch.Tensor, gate_up: torch.Tensor, key: int, padd
     check_same_device(what, gate_up, dh=dh, out=out)
     _check(what, out, key, padded)
     check_shape(what, width, padded)
-    packed = torch.empty(width, padded // 2 + padded // 16, dtype=out.dtype, device=out.device)
-    values = packed.view(-1)[: width * padded // 2].view(width, padded // 2)
-    _launch(gate_up, key, padded, values, packed.view(torch.uint8).view(-1)[width * padded:], config,
-            compressed=True, swiglu=(dh, out))
+    packed, values, meta = _compressed_operand(width, padded, out)
+    _launch(gate_up, key, padded, values, meta, config, compressed=True, swiglu=(dh, out))
     return out, packed
 
 
@@ -228,6 +225,14 @@ def _check(what: str, dy: torch.Tensor, key: int, padded: int) -> tuple[int, int
     if not 0 <= key < 1 << MVUE_KEY_BITS:
         raise ValueError(f"{what}: key must be in [0, 2**{MVUE_KEY_BITS}) (see dsparse.nm.mvue_key), got {key}")
     return tokens, cols
+
+
+def _compressed_operand(rows: int, padded: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A compressed ``(rows, padded)`` 2:4 operand in ``like``'s dtype and device, and views of its kept
+    values ``(rows, padded/2)`` and its metadata bytes, which the kernel writes."""
+    packed = torch.empty(rows, padded // 2 + padded // 16, dtype=like.dtype, device=like.device)
+    values = packed.view(-1)[: rows * padded // 2].view(rows, padded // 2)
+    return packed, values, packed.view(torch.uint8).view(-1)[rows * padded:]
 
 
 def _launch(dy: torch.Tensor, key: int, padded: int, out: torch.Tensor, meta: torch.Tensor,
