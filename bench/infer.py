@@ -1,8 +1,9 @@
 """Inference: prefill and decode throughput and weight memory of exported sparse models vs dense.
 
 Each sparse variant goes through :func:`dsparse.export.export_model` and
-:func:`dsparse.export.load_for_inference` (cuSPARSELt forward operand only, adapters fused
-onto its output), with adapter ranks 0, 1.56% and 6.25% of each layer's smaller dimension.
+:func:`dsparse.export.load_for_inference` (cuSPARSELt forward operand only, adapters folded
+into it unless ``--fold off``, then multiply-added onto its output), with adapter ranks 0,
+1.56% and 6.25% of each layer's smaller dimension.
 Weights are random (speed does not depend on them). Ratios are against the dense model
 measured in the same process. Dense and sparse models alike run the fused RMSNorm / SwiGLU /
 RoPE kernels (:func:`dsparse.fuse_model`; the prefill, not the few-row decode steps) unless
@@ -29,11 +30,18 @@ from dsparse.models import build_model
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Parameters, buffers and the sparse layers' frozen operands."""
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    frozen = {id(layer._inference[1]): layer._inference[1] for _, layer in sparse_modules(model)
-              if layer._inference is not None}  # a projection group's layers share one operand
-    return total + sum(ops.weight.numel() * ops.weight.element_size() for ops in frozen.values())
+    """Parameters, buffers and what the sparse products hold frozen: their forward operands, folded
+    adapters' ``A`` stacks, and the stacked ``A`` and block-diagonal ``B`` of groups adding adapters after
+    the product."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    owners = {id(owner): owner for owner in (layer.operand_owner() for _, layer in sparse_modules(model))
+              if owner._inference is not None}  # a projection group's layers share one operand
+    for owner in owners.values():
+        tensors.append(owner._inference[1].weight)
+        if owner._fold is not None:
+            tensors.append(owner._fold.a_repeated)
+        tensors.extend((getattr(owner, "_adapters", None) or ())[:2])
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def measure(model, args, device) -> dict:
@@ -83,6 +91,8 @@ def main() -> None:
     parser.add_argument("--fusion", choices=["on", "off"], default="on", help="fused RMSNorm / SwiGLU / RoPE kernels")
     parser.add_argument("--projections", choices=["on", "off"], default="on",
                         help="q/k/v and gate/up as one product each, dense and sparse alike")
+    parser.add_argument("--fold", choices=["on", "off"], default="on",
+                        help="adapters folded into the sparse forward operand (off: added onto its output)")
     parser.add_argument("--profile", action="store_true", help="also one prefill per model under torch.profiler")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -119,7 +129,7 @@ def main() -> None:
             del model
             gc.collect()
             loaded = load_for_inference(tmp, device=device, dtype=dtype, backend=args.backend,
-                                        projections=args.projections == "on")
+                                        projections=args.projections == "on", fold_adapters=args.fold == "on")
         fuse(loaded)
         name = f"sparse_r{fraction:g}"
         results[name] = measure(loaded, args, device)

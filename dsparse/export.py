@@ -78,13 +78,15 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, hf_config: str, tag: str | No
 
 
 def load_for_inference(export_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                       backend: str = "auto", release_state: bool = True, projections: bool = True) -> nn.Module:
+                       backend: str = "auto", release_state: bool = True, projections: bool = True,
+                       fold_adapters: bool = True) -> nn.Module:
     """A causal LM with the exported sparse layers, frozen for inference (forward operands only).
 
-    Sparse layers run on cuSPARSELt where it can (``backend="auto"``), with their
-    adapters' multiply-add fused onto the sparse output; with ``projections`` q/k/v and
+    Sparse layers run on cuSPARSELt where it can (``backend="auto"``), with their adapters
+    folded into the forward operand (``fold_adapters``: one GEMM per product) or else
+    multiply-added onto the sparse output in one fused pass; with ``projections`` q/k/v and
     gate/up run as one product each (:func:`dsparse.nn.fuse_projections`); see
-    :meth:`dsparse.SparseLinear.prepare_inference` for ``release_state``.
+    :meth:`dsparse.SparseLinear.prepare_inference` for ``release_state`` and ``fold_adapters``.
     """
     with open(os.path.join(export_dir, META)) as f:
         meta = json.load(f)
@@ -112,7 +114,7 @@ def load_for_inference(export_dir: str, device: str | torch.device | None = None
     if projections:
         fuse_projections(model)
     for _, layer in sparse_modules(model):
-        layer.prepare_inference(release_state=release_state)
+        layer.prepare_inference(release_state=release_state, fold_adapters=fold_adapters)
     return model
 
 

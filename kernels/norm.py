@@ -102,18 +102,28 @@ def _check(what: str, x: torch.Tensor, weight: torch.Tensor) -> int:
     return cols
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, rstd)`` of RMSNorm over the rows of ``x`` ``(rows, cols)``: ``y`` as :func:`rms_norm_reference`
     (dtype ``promote(x, weight)``), ``rstd`` fp32 ``(rows,)`` for :func:`rms_norm_backward`.
 
-    Rows must be contiguous (any row stride). CPU tensors run through the Triton interpreter.
+    Rows must be contiguous (any row stride). ``out``: write ``y`` there, a ``(rows, cols)`` tensor of
+    ``y``'s dtype with contiguous rows at any row stride (e.g. the leading columns of a wider buffer).
+    CPU tensors run through the Triton interpreter.
     """
     what = "rms_norm_forward"
     cols = _check(what, x, weight)
     rows = x.shape[0]
-    y = torch.empty(rows, cols, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    if out is None:
+        y = torch.empty(rows, cols, dtype=dtype, device=x.device)
+    else:
+        check_2d(what, "out", out, (rows, cols), (dtype,))
+        if out.stride(1) != 1:
+            raise ValueError(f"{what}: out's rows must be contiguous (column stride 1), got strides {out.stride()}")
+        y = out
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-    check_same_device(what, x, weight=weight)
+    check_same_device(what, x, weight=weight, out=out)
     if rows:
         block = triton.next_power_of_2(cols)
         _FWD.launch(x.device, (rows,), x, weight, y, rstd, cols, x.stride(0), y.stride(0), float(eps),

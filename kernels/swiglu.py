@@ -24,16 +24,20 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CONFIG = {"BLOCK": 4096, "num_warps": 8}
 
 
-def _silu_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, numel, width, stride, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
+def _silu_mul_fwd_kernel(g_ptr, u_ptr, h_ptr, numel, width, stride, h_stride, BLOCK: tl.constexpr,
+                         STRIDED: tl.constexpr, H_STRIDED: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     at = offs  # element offs of (rows, width) operands whose rows lie stride elements apart
     if STRIDED:  # (inlined: a DualKernel cannot call other functions)
         at = offs // width * stride + offs % width
+    h_at = offs  # and of h, whose rows lie h_stride apart
+    if H_STRIDED:
+        h_at = offs // width * h_stride + offs % width
     g = tl.load(g_ptr + at, mask=mask, other=0).to(tl.float32)
     u = tl.load(u_ptr + at, mask=mask, other=0).to(tl.float32)
     act = (g / (1 + tl.exp(-g))).to(h_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(h_ptr + offs, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + h_at, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def _silu_mul_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, numel, width, stride, BLOCK: tl.constexpr,
@@ -93,13 +97,26 @@ def _grid(numel: int) -> tuple[int]:
     return (triton.cdiv(numel, CONFIG["BLOCK"]),)
 
 
-def silu_mul_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def silu_mul_forward(g: torch.Tensor, u: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(g) · u`` elementwise (same shape and dtype), as :func:`silu_mul_reference`, into a new
-    contiguous tensor. ``g`` and ``u``: contiguous, or ``(T, W)`` row views sharing one row stride."""
+    contiguous tensor, or into ``out``: contiguous, or a ``(T, W)`` row view at its own row stride
+    (e.g. the leading columns of a wider buffer). ``g`` and ``u``: contiguous, or ``(T, W)`` row
+    views sharing one row stride."""
     width, stride = _check("silu_mul_forward", {"g": g, "u": u}, {})
-    h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    if out is None:
+        h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    else:
+        if not isinstance(out, torch.Tensor) or out.shape != g.shape or out.dtype != g.dtype:
+            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"silu_mul_forward: out must have g's shape {tuple(g.shape)} and dtype {g.dtype}, got {got}")
+        check_same_device("silu_mul_forward", g, out=out)
+        if not (out.is_contiguous() or (out.dim() == 2 and out.stride(1) == 1)):
+            raise ValueError("silu_mul_forward: out must be contiguous, or a 2-D row view with column stride 1")
+        h = out
+    h_stride = width if h.is_contiguous() else h.stride(0)
     if g.numel():
-        _FWD.launch(g.device, _grid(g.numel()), g, u, h, g.numel(), width, stride, STRIDED=stride != width, **CONFIG)
+        _FWD.launch(g.device, _grid(g.numel()), g, u, h, g.numel(), width, stride, h_stride, STRIDED=stride != width,
+                    H_STRIDED=h_stride != width, **CONFIG)
     return h
 
 

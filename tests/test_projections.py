@@ -132,15 +132,19 @@ def test_a_group_frozen_for_inference_runs_one_operand_and_frees_the_layers(adap
             for i, (_, layer) in enumerate(sparse_modules(m)):
                 layer.add_adapter(2, generator=torch.Generator().manual_seed(i))
                 torch.nn.init.normal_(layer.adapter_b, generator=torch.Generator().manual_seed(i))
-    for m in (model, fused):
+    for m, fold in ((model, False), (fused, True)):  # the separate layers add their adapters after the product
         for _, layer in sparse_modules(m):
-            layer.prepare_inference()
+            layer.prepare_inference(fold_adapters=fold)
     groups = projection_groups(fused)
     assert all(g.runs_fused and g._inference is not None for g in groups)
     for group in groups:  # one forward operand for the group, the layers' values and masks freed
         assert all(layer._inference is group._inference and layer.values.numel() == 0 and layer.idx.numel() == 0
                    for layer in group.layers)
-        assert group._inference[1].weight.shape == (group.out_features, group.in_features)
+        assert group.folds_adapters == adapters and group.adds_adapters == adapters
+        # folded: the adapters' 2·(2+2(+2)) ranks padded to 2·8 more input columns
+        extra = 16 if adapters else 0
+        assert group._inference[1].weight.shape == (group.out_features, group.in_features + extra)
+        assert all(layer.adapter_a.numel() == 0 for layer in group.layers if adapters)
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=_ids(1)).logits, model(input_ids=_ids(1)).logits, rtol=1e-5,
                                    atol=1e-6)

@@ -35,6 +35,8 @@ GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 # HF attention classes whose forward calls their module's rotate-half ``apply_rotary_pos_emb(q, k, cos, sin)``
 ROTARY_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 MIN_FUSED_ROWS = FusionConfig.min_rows  # fewer rows run HF's torch code (decoding), see FusionConfig
+# HF decoder layers' norms and the first module reading each one's output (q/k/v and gate/up read it alike)
+NORM_READERS = {"input_layernorm": "self_attn.q_proj", "post_attention_layernorm": "mlp.gate_proj"}
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -174,7 +176,11 @@ def _fuse_rotary(attn: nn.Module, min_rows: int) -> bool:
 
 
 class FusedRMSNorm(nn.Module):
-    """HF ``LlamaRMSNorm`` (``weight · round(x·rstd)``, fp32 statistics) in one kernel each way."""
+    """HF ``LlamaRMSNorm`` (``weight · round(x·rstd)``, fp32 statistics) in one kernel each way.
+
+    Without autograd, when the module reading its output (:meth:`feed`) folds adapters into its
+    operand, the norm writes straight into that module's wide input (:func:`.adapter_fold.input_slot`).
+    """
 
     def __init__(self, weight: nn.Parameter, eps: float, min_rows: int = MIN_FUSED_ROWS) -> None:
         super().__init__()
@@ -182,11 +188,38 @@ class FusedRMSNorm(nn.Module):
         self.variance_epsilon = eps
         self.min_rows = min_rows
 
+    def feed(self, parent: nn.Module, path: str) -> None:
+        """Name the module that reads this norm's output: ``parent.get_submodule(path)``, looked up at each
+        forward (sparsify may replace it). Kept outside the module tree (no parameters, not in state_dict)."""
+        self.__dict__["_reader"] = (parent, path)
+
+    def _slot(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The reader's wide-input slot for this output, or None (no reader, or it does not fold)."""
+        from .adapter_fold import input_slot
+
+        reader = self.__dict__.get("_reader")
+        try:
+            module = reader[0].get_submodule(reader[1]) if reader is not None else None
+        except AttributeError:  # the reader was removed
+            return None
+        if module is None:
+            return None
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        return input_slot(module, x.numel() // x.shape[-1], dtype, x.device)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.numel() < self.min_rows * hidden_states.shape[-1]:
             from kernels import rms_norm_reference
 
             return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
+        slot = None if torch.is_grad_enabled() else self._slot(hidden_states)
+        if slot is not None:
+            from kernels import rms_norm_forward
+
+            x2d = hidden_states.reshape(slot.shape)
+            rms_norm_forward(x2d if x2d.stride(-1) == 1 else x2d.contiguous(), self.weight, self.variance_epsilon,
+                             out=slot)
+            return slot.view(*hidden_states.shape[:-1], slot.shape[-1])
         return _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
@@ -209,8 +242,8 @@ class FusedGatedMLP(nn.Module):
 
         group = group_of([self.gate_proj, self.up_proj])  # one gate/up product: its halves in place
         if group is not None and group.fused_is_whole and x.numel() >= self.min_rows * x.shape[-1]:
-            if group.adds_adapters and not torch.is_grad_enabled():
-                return self.down_proj(_adapted_silu_mul(group, x))
+            if not torch.is_grad_enabled():
+                return self.down_proj(self._gate_inference(group, x))
             return self.down_proj(_PackedSiluMulFunction.apply(group.fused(x), group))
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.numel() < self.min_rows * gate.shape[-1]:
@@ -220,16 +253,25 @@ class FusedGatedMLP(nn.Module):
         return self.down_proj(_SiluMulFunction.apply(gate, up))
 
 
-def _adapted_silu_mul(group, x: torch.Tensor) -> torch.Tensor:
-    """``silu(g) · u`` of a gate/up group's output with its adapters, which add on in the gate's own pass:
-    ``[g | u]`` with adapters is never written."""
-    from kernels import lowrank_silu_mul
+    def _gate_inference(self, group, x: torch.Tensor) -> torch.Tensor:
+        """``silu(g) · u`` of the gate/up group's output without autograd, written into ``down_proj``'s wide
+        input when that folds adapters. Adapters added on after the product (not folded) add on in the
+        gate's own pass (:func:`kernels.lowrank_silu_mul`): ``[g | u]`` with adapters is never written."""
+        from kernels import lowrank_silu_mul, silu_mul_forward
 
-    a, b, scale = group.adapter_operands()
-    y = group.product(x)
-    u = torch.nn.functional.linear(x, a)
-    h = lowrank_silu_mul(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b, scale)
-    return h.view(*y.shape[:-1], h.shape[-1])
+        from .adapter_fold import input_slot
+
+        rows = x.numel() // x.shape[-1]
+        out = input_slot(self.down_proj, rows, x.dtype, x.device)
+        if group.adds_adapters and not group.folds_adapters:
+            a, b, scale = group.adapter_operands()
+            y = group.product(x).reshape(rows, -1)
+            h = lowrank_silu_mul(y, torch.nn.functional.linear(x, a).reshape(rows, -1), b, scale, out=out)
+        else:
+            gu = group.fused(x).reshape(rows, -1)
+            width = gu.shape[1] // 2
+            h = silu_mul_forward(gu[:, :width], gu[:, width:], out=out)
+        return h.view(*x.shape[:-1], h.shape[-1])
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -255,7 +297,10 @@ def fuse_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, rop
         for name, child in parent.named_children():
             kind = type(child).__name__
             if rms_norm and kind in RMS_NORM_CLASSES:
-                swaps.append((parent, name, FusedRMSNorm(child.weight, child.variance_epsilon, min_rows)))
+                norm = FusedRMSNorm(child.weight, child.variance_epsilon, min_rows)
+                if name in NORM_READERS:
+                    norm.feed(parent, NORM_READERS[name])
+                swaps.append((parent, name, norm))
                 counts["rms_norm"] += 1
             elif swiglu and kind in GATED_MLP_CLASSES and _is_silu(child.act_fn):
                 swaps.append((parent, name, FusedGatedMLP(child.gate_proj, child.up_proj, child.down_proj, min_rows)))

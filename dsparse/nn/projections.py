@@ -106,7 +106,8 @@ class _Siblings:
         pending = self._pending
         if (pending is None or pending[0] is not x or pending[1] != x._version
                 or pending[2] != torch.is_grad_enabled() or i in pending[4]):
-            pending = (x, x._version, torch.is_grad_enabled(), self.fused(x).split(self.sizes, dim=-1), set())
+            outputs = self.fused(x).split(self.sizes, dim=-1)  # (a folded product writes beside x: version after)
+            pending = (x, x._version, torch.is_grad_enabled(), outputs, set())
         pending[4].add(i)
         self._pending = None if len(pending[4]) == len(self.layers) else pending
         return pending[3][i]
@@ -123,7 +124,13 @@ class _Siblings:
 
     @property
     def adds_adapters(self) -> bool:
-        """Whether :meth:`fused` includes the layers' adapters (then :meth:`product` is the output without them)."""
+        """Whether :meth:`fused` includes the layers' adapters (then :meth:`product` is the output without them,
+        unless they are folded into the operand)."""
+        return False
+
+    @property
+    def folds_adapters(self) -> bool:
+        """Whether the adapters are inside the forward operand (:mod:`.adapter_fold`), not added after it."""
         return False
 
     def _biases(self) -> torch.Tensor | None:
@@ -148,6 +155,8 @@ class ProjectionGroup(_Siblings, SparseProduct):
         self._adapters: tuple[torch.Tensor, torch.Tensor, float] | None = None  # frozen: (A stack, B diag, scale)
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fold is not None:
+            return self._folded_forward(x, self._biases())
         y = self.product(x)
         if self.adds_adapters:
             a, b, scale = self.adapter_operands()
@@ -155,14 +164,22 @@ class ProjectionGroup(_Siblings, SparseProduct):
         return y
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """The layers' sparse products (and biases) for ``x``, side by side, without adapters."""
+        """The layers' sparse products (and biases) for ``x``, side by side, without adapters (not for a group
+        whose adapters are folded into its operand)."""
+        if self._fold is not None:
+            raise RuntimeError("this group's adapters are folded into its forward operand: use fused()")
         return sparse_product(x, self._biases(), self, self._params())
 
     @property
     def adds_adapters(self) -> bool:
-        """Whether the group adds its layers' adapters itself (all active): one ``x·Aᵀ`` for all and one
-        multiply-add, instead of a pair of products per layer that each read ``x`` again."""
-        return all(layer.adapter_is_active for layer in self.layers)
+        """Whether the group adds its layers' adapters itself: folded into its operand (frozen), or all
+        active: then one ``x·Aᵀ`` for all and one multiply-add, instead of a pair of products per layer
+        that each read ``x`` again."""
+        return self._fold is not None or all(layer.adapter_is_active for layer in self.layers)
+
+    @property
+    def folds_adapters(self) -> bool:
+        return self._fold is not None
 
     @property
     def fused_is_whole(self) -> bool:
@@ -234,6 +251,9 @@ class ProjectionGroup(_Siblings, SparseProduct):
 
     def _draw_key(self) -> int | None:
         return self.layers[0]._draw_key()
+
+    def _adapter_rows(self) -> list[tuple[Any, int]]:
+        return [(layer if layer.adapter_is_active else None, size) for layer, size in zip(self.layers, self.sizes)]
 
     @property
     def _dx_mode(self) -> str:

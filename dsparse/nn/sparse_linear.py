@@ -50,6 +50,13 @@ def store_steps(layers: list["SparseLinear"]) -> None:
         torch._foreach_add_(group, step)
 
 
+def _release(*tensors: torch.Tensor) -> None:
+    """Free the tensors' memory (inference keeps what it needs in its frozen operands)."""
+    for tensor in tensors:
+        tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        tensor.requires_grad_(False)
+
+
 # host-side counters and caches the training step sets (plain values, never parameters, buffers or modules):
 # stored directly, without nn.Module.__setattr__'s checks (0.20 against 1.35 µs a set on a CI-class CPU; a
 # llama-1b step sets ~3 per layer at each optimizer step and one per MVUE weight gradient, ~550 in all)
@@ -232,6 +239,9 @@ class SparseLinear(SparseProduct, nn.Module):
     def _draw_key(self) -> int | None:
         return self._mvue_key() if self.mvue_dw else None
 
+    def _adapter_rows(self) -> list[tuple[Any, int]]:
+        return [(self if self.adapter_is_active else None, self.out_features)]
+
     @property
     def refreshes_operands(self) -> bool:
         """Whether this layer keeps GEMM operands that follow its values (sparse training, cached)."""
@@ -251,28 +261,32 @@ class SparseLinear(SparseProduct, nn.Module):
         return "sparse" if self.double_prune else "dense"
 
     @torch.no_grad()
-    def prepare_inference(self, release_state: bool = True) -> None:
+    def prepare_inference(self, release_state: bool = True, fold_adapters: bool = True) -> None:
         """Freeze the layer for inference: build the forward operand once, drop the input-gradient one
         (a grouped layer's group builds one for all its layers).
 
         With ``release_state`` the kept values and masks are freed as well (the compressed
         operand holds everything the forward needs), so the layer's weight memory is the
         compressed operand alone; the layer can no longer train or give a state_dict.
+        With ``fold_adapters`` an active adapter joins the forward operand (:mod:`.adapter_fold`):
+        one GEMM computes the layer's output, adapter included; its ``A`` and ``B`` are then
+        freed with the rest of the state, and it can no longer be switched off.
         """
         if self.projection_group is not None:
-            self.projection_group.prepare_inference(release_state)
+            self.projection_group.prepare_inference(release_state, fold_adapters)
         else:
-            super().prepare_inference(release_state)
+            super().prepare_inference(release_state, fold_adapters)
 
     def _freeze(self, inference: tuple[Backend, Any]) -> None:
         self._inference = inference
         self._cache = None
 
     def _release_state(self) -> None:
-        param = self._param
-        for tensor in (param, self.idx, self.keep_t):
-            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        param.requires_grad_(False)
+        _release(self._param, self.idx, self.keep_t)
+
+    def release_adapter(self) -> None:
+        """Free the adapter's ``A`` and ``B`` (folded into a frozen forward operand, which holds them)."""
+        _release(self.adapter_a, self.adapter_b)
 
     def _mvue_key(self) -> int:
         """The draw key of this micro-batch's MVUE weight gradient: a function of (layer seed, optimizer
@@ -384,6 +398,9 @@ class SparseLinear(SparseProduct, nn.Module):
     def set_adapter_active(self, active: bool = True) -> None:
         if not self.has_adapter:
             raise RuntimeError("this layer has no adapter; call add_adapter first")
+        if self.operand_owner()._fold is not None:
+            raise RuntimeError("this layer's adapter is folded into its inference operand (prepare_inference with "
+                               "fold_adapters=True); freeze it with fold_adapters=False to switch adapters")
         self._host_adapter_active = bool(active)
         self.adapter_active.fill_(bool(active))
 
@@ -398,6 +415,8 @@ class SparseLinear(SparseProduct, nn.Module):
             y = group.output(self, x)
             if group.adds_adapters:  # the group's product includes this layer's adapter
                 return y
+        elif self._fold is not None:  # frozen, the adapter inside the forward operand
+            return self._folded_forward(x, self.bias)
         else:
             y = sparse_product(x, self.bias, self, self._params())
         if self.adapter_is_active:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..backends import Backend
+from . import adapter_fold
 
 
 class SparseProduct:
@@ -25,6 +26,7 @@ class SparseProduct:
     _cache: tuple[tuple, tuple, Backend, Any] | None = None  # (mask key, value key, backend, operands)
     _inference: tuple[Backend, Any] | None = None  # frozen forward-only operands (prepare_inference)
     _dw_operand: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (dY, MVUE key, S(dYᵀ) compressed)
+    _fold: adapter_fold.AdapterFold | None = None  # frozen with the adapters in the forward operand
 
     # ------------------------------------------------------------- what a subclass provides
     def _sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,6 +62,11 @@ class SparseProduct:
 
     def _draw_key(self) -> int | None:
         """The MVUE draw key of this weight gradient, or None for the exact one."""
+        raise NotImplementedError
+
+    def _adapter_rows(self) -> list[tuple[Any, int]]:
+        """For each block of output rows, top to bottom: the layer whose active adapter adds onto it (or
+        None) and the block's height."""
         raise NotImplementedError
 
     @property
@@ -165,18 +172,54 @@ class SparseProduct:
         return key, packed if same else None
 
     @torch.no_grad()
-    def prepare_inference(self, release_state: bool = True) -> None:
+    def prepare_inference(self, release_state: bool = True, fold_adapters: bool = True) -> None:
         """Freeze for inference: the forward operand built once, no input-gradient operand; with
-        ``release_state`` the kept values and masks freed too (no more training or state_dict)."""
+        ``release_state`` the kept values and masks freed too (no more training or state_dict).
+
+        ``fold_adapters``: active adapters join the forward operand (:mod:`.adapter_fold`: one GEMM, no
+        pass over the output for them), and with ``release_state`` their ``A`` and ``B`` are freed too.
+        """
         if self._inference is not None:
             return
         backend = self._resolve_backend()
         values, idx, keep_t = self._sources()
+        layers, sizes = zip(*self._adapter_rows())
+        folded = fold_adapters and adapter_fold.foldable(self.n, self.m) and any(layers)
+        fold = None
+        if folded:
+            values, idx, keep_t, fold = adapter_fold.fold(values, idx, keep_t, list(layers), list(sizes),
+                                                          self.n, self.m)
         ops = backend.prepare(values, idx, keep_t, self.n, self.m, dx="none")
         self._freeze((backend, ops))
+        self._fold = fold
         if release_state:
             backend.release_sources(ops)
             self._release_state()
+            for layer in layers if folded else ():
+                if layer is not None:
+                    layer.release_adapter()
+
+    def _folded_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x Wᵀ + bias`` plus the folded adapters, as one GEMM over the wide input (inference)."""
+        backend, ops = self._inference
+        with torch.no_grad():
+            x2d = x.reshape(-1, x.shape[-1])
+            y = backend.linear(ops, self._fold.wide_input(x2d), bias)
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return _InferenceOnly.apply(y, x) if torch.is_grad_enabled() and x.requires_grad else y
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Marks a frozen product's output: a backward through it fails, as through an unfolded frozen product."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        raise RuntimeError("this sparse product was prepared for inference only (its adapters are folded into "
+                           "its forward operand): it has no gradients")
 
 
 class _SparseProductFunction(torch.autograd.Function):

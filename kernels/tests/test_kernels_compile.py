@@ -85,6 +85,8 @@ def test_mvue_kernels_compile(arch, dtype):
 def test_rms_norm_compiles(arch, dtype):
     x, w = torch.zeros(40, 2048, dtype=dtype), torch.ones(2048, dtype=dtype)
     _compile(lambda: rms_norm_forward(x, w, 1e-6), arch)
+    wide = torch.zeros(40, 2048 + 80, dtype=dtype)  # into a folded adapter's wide input
+    _compile(lambda: rms_norm_forward(x, w, 1e-6, out=wide[:, :2048]), arch)
     _compile(lambda: rms_norm_backward(x, x, w, torch.ones(40)), arch)
 
 
@@ -96,6 +98,8 @@ def test_silu_mul_compiles(arch):
     gu = torch.zeros(40, 2 * 5632, dtype=torch.bfloat16)  # a fused gate/up output's halves, in place
     halves = (gu[:, :5632], gu[:, 5632:])
     _compile(lambda: silu_mul_forward(*halves), arch)
+    wide = torch.zeros(40, 5632 + 64, dtype=torch.bfloat16)  # into a folded adapter's wide input
+    _compile(lambda: silu_mul_forward(*halves, out=wide[:, :5632]), arch)
     _compile(lambda: silu_mul_backward(g, *halves, out=halves), arch)
 
 

@@ -89,6 +89,23 @@ def test_no_rows(device):
     assert y.shape == (0, 32) and dx.shape == (0, 32) and bool((dw == 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_writes_the_leading_columns_of_a_wider_buffer(device, dtype):
+    """``out=`` a row view at its own stride (a folded adapter's wide input): same numbers, other columns untouched."""
+    x, w, _ = _inputs(19, 96, dtype, device)
+    wide = torch.full((19, 96 + 16), 7.0, dtype=dtype, device=device)
+    y, rstd = rms_norm_forward(x, w, EPS, out=wide[:, :96])
+    want, want_rstd = rms_norm_forward(x, w, EPS)
+    assert y.data_ptr() == wide.data_ptr() and torch.equal(y, want) and torch.equal(rstd, want_rstd)
+    assert bool((wide[:, 96:] == 7).all())
+    with pytest.raises(ValueError, match="out must have shape"):
+        rms_norm_forward(x, w, EPS, out=wide[:, :95])
+    with pytest.raises(TypeError, match="out must be of dtype"):
+        rms_norm_forward(x, w, EPS, out=wide[:, :96].to(torch.float16))
+    with pytest.raises(ValueError, match="column stride 1"):
+        rms_norm_forward(x, w, EPS, out=torch.empty(96, 19, dtype=dtype, device=device).t())
+
+
 def test_bad_inputs_are_named():
     x, w, dy = _inputs(4, 32, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"weight must be .* shape \(32,\)"):

@@ -60,3 +60,20 @@ def test_halves_of_one_buffer_match_contiguous_operands(device, dtype):
     assert dg.data_ptr() == dgu.data_ptr() and torch.equal(dgu, torch.cat(want, dim=1))
     with pytest.raises(ValueError, match="one row stride"):
         silu_mul_forward(g, u.contiguous())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_writes_the_leading_columns_of_a_wider_buffer(device, dtype):
+    """``out=`` a row view at its own stride (a folded adapter's wide input): same numbers, other columns untouched."""
+    gu, _, _ = _inputs((37, 2 * 300), dtype, device, seed=4)
+    g, u = gu[:, :300], gu[:, 300:]
+    wide = torch.full((37, 300 + 24), 7.0, dtype=dtype, device=device)
+    h = silu_mul_forward(g, u, out=wide[:, :300])
+    assert h.data_ptr() == wide.data_ptr()
+    assert torch.equal(wide[:, :300], silu_mul_forward(g, u)) and bool((wide[:, 300:] == 7).all())
+    with pytest.raises(ValueError, match="shape"):
+        silu_mul_forward(g, u, out=wide[:, :299])
+    with pytest.raises(ValueError, match="dtype"):
+        silu_mul_forward(g, u, out=wide[:, :300].to(torch.float16))
+    with pytest.raises(ValueError, match="column stride 1"):
+        silu_mul_forward(g, u, out=torch.empty(300, 37, dtype=dtype, device=device).t())
