@@ -39,7 +39,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     for owner in owners.values():
         tensors.append(owner._inference[1].weight)
         if owner._fold is not None:
-            tensors.append(owner._fold.a_repeated)
+            tensors.append(owner._fold.a_wide)
         tensors.extend((getattr(owner, "_adapters", None) or ())[:2])
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -17,21 +17,34 @@ def _with_adapter(layer: SparseLinear, rank: int, alpha: float, seed: int) -> Sp
     return layer
 
 
-@pytest.mark.parametrize("pattern, rank, padded", [("2:4", 6, 8), ("1:4", 6, 8), ("2:8", 3, 8), ("2:4", 16, 16)])
-def test_the_wide_operand_times_the_wide_input_is_the_product_plus_the_adapter(pattern, rank, padded):
+@pytest.mark.parametrize("pattern, ranks, extra", [
+    ("2:4", (6,), 16),  # 3 slots of 2 values: 3 groups of 4 columns, lane 1 unused; padded to 16 columns
+    ("1:4", (6,), 32),  # 6 slots of 1: 6 groups, padded to 8
+    ("2:8", (3,), 16),  # 2 slots: 2 groups of 8
+    ("2:4", (16,), 32),  # 8 slots: 8 groups
+    ("2:4", (16, 16), 32),  # gate/up-like: the two share 8 groups, one lane each
+    ("2:4", (16, 4, 4), 32),  # q/k/v-like: q's 8 slots in lane 0, k's and v's 2 each in lane 1
+    ("2:4", (6, None, 10), 32),  # rows without an adapter between two with
+])
+def test_the_wide_operand_times_the_wide_input_is_the_product_plus_the_adapters(pattern, ranks, extra):
     n, m = nm.parse_pattern(pattern)
     torch.manual_seed(0)
-    layer = _with_adapter(SparseLinear(32, 24, bias=False, pattern=pattern, dtype=torch.float64), rank, 3.0, 0)
-    values, idx, keep_t = layer._sources()
-    wide_values, wide_idx, wide_keep_t, fold = adapter_fold.fold(values, idx, keep_t, [layer], [24], n, m)
-    assert adapter_fold.folded_rank(rank, n, m) == padded
-    assert fold.width == 32 + padded * m // n and fold.width % 16 == 0
-    assert wide_idx.shape == wide_values.shape == wide_keep_t.shape == (24, fold.width * n // m)
+    sizes = [24, 8, 16][:len(ranks)]
+    layers = [SparseLinear(32, size, bias=False, pattern=pattern, dtype=torch.float64) for size in sizes]
+    for i, (layer, rank) in enumerate(zip(layers, ranks)):
+        if rank is not None:
+            _with_adapter(layer, rank, 3.0 + i, i)
+    values, idx, keep_t = (torch.cat(parts) for parts in zip(*(layer._sources() for layer in layers)))
+    adapters = [layer if rank is not None else None for layer, rank in zip(layers, ranks)]
+    wide_values, wide_idx, wide_keep_t, fold = adapter_fold.fold(values, idx, keep_t, adapters, sizes, n, m)
+    assert fold.width == 32 + extra and fold.a_wide.shape == (extra, 32)
+    assert wide_idx.shape == wide_values.shape == wide_keep_t.shape == (sum(sizes), fold.width * n // m)
+    assert not wide_keep_t[:, values.shape[1]:].any()
     x = torch.randn(5, 32, dtype=torch.float64)
     got = fold.wide_input(x) @ nm.dense_from_kept(wide_values, wide_idx, n, m).t()
-    want = x @ layer.effective_weight().t() + layer.adapter_scale * (x @ layer.adapter_a.t()) @ layer.adapter_b.t()
+    want = torch.cat([x @ layer.effective_weight().t() + (0 if rank is None else layer.adapter_scale * (
+        x @ layer.adapter_a.t()) @ layer.adapter_b.t()) for layer, rank in zip(layers, ranks)], dim=1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert not wide_keep_t[:, values.shape[1]:].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
