@@ -137,8 +137,10 @@ def infer_table() -> list[str]:
             fused = ", fused " + "/".join(name for key, name in (("rms_norm", "RMSNorm"), ("swiglu", "SwiGLU"),
                                                                  ("rope", "RoPE"), ("projections", "projections"))
                                       if blocks.get(key))
+        adapters = ("folded into the sparse operand" if a.get("fold") == "on"  # runs before folding: added after
+                    else "multiply-added onto the sparse output")
         lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens, "
-                  f"decode {a['new_tokens']} tokens{fused}; {_env(data['environment'])})",
+                  f"decode {a['new_tokens']} tokens{fused}; adapters {adapters}; {_env(data['environment'])})",
                   *_provenance(data),
                   "", "| model | prefill | decode | weight memory |", "|---|---|---|---|"]
         for variant, r in data["vs_dense"].items():

@@ -62,6 +62,8 @@ def test_a_folded_layer_matches_its_adapter_added_after_the_product(dtype):
         got, want = layer(x), unfolded(x)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(got, want, **tol)
+    with torch.no_grad():  # a deep copy computes the same
+        assert torch.equal(copy.deepcopy(layer)(x), got)
     # inference only: no gradients through it, and the adapter can no longer be switched
     out = layer(x.requires_grad_(True))
     with pytest.raises(RuntimeError, match="inference only"):
