@@ -25,8 +25,8 @@
 #   proj         dense, dsparse and dsparse+MVUE, llama-1b, with q/k/v and gate/up as one product each (the
 #                default) and apart, interleaved $REPEATS (1) times, pooled
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
-#   infer        prefill/decode of exported models vs dense, with each prefill's profile (adapters folded)
-#   infer-fold-off  the same with the adapters multiply-added after the sparse product (infer_<gpu>_fold_off.json)
+#   infer        prefill/decode of exported models vs dense, with each prefill's profile; adapters folded into the
+#                sparse operand, and (rows *_added) multiply-added after the product
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
 #   convergence-mvue  a shorter run (300 steps): dense vs dsparse vs dsparse with MVUE weight gradients
 #   nccl         the 2-GPU engine test and step benchmark, with one GPU of the same host for scale (needs 2 GPUs)
@@ -119,8 +119,7 @@ for part in "$@"; do
     memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;
-    infer)        timeout 330 python3 -m bench.infer --profile ;;
-    infer-fold-off) timeout 330 python3 -m bench.infer --profile --fold off --out bench/results/infer_${gpu}_fold_off.json ;;
+    infer)        timeout 400 python3 -m bench.infer --profile --fold on,off ;;
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
     convergence-mvue) timeout 330 python3 -m bench.convergence --gpus 1 --modes dense,dsparse,dsparse_mvue \
                     --max_steps 300 --out bench/results/convergence_${gpu}_mvue.json ;;

@@ -2,8 +2,8 @@
 
 Each sparse variant goes through :func:`dsparse.export.export_model` and
 :func:`dsparse.export.load_for_inference` (cuSPARSELt forward operand only, adapters folded
-into it unless ``--fold off``, then multiply-added onto its output), with adapter ranks 0,
-1.56% and 6.25% of each layer's smaller dimension.
+into it unless ``--fold off``, then multiply-added onto its output; ``--fold on,off`` measures
+both from one export), with adapter ranks 0, 1.56% and 6.25% of each layer's smaller dimension.
 Weights are random (speed does not depend on them). Ratios are against the dense model
 measured in the same process. Dense and sparse models alike run the fused RMSNorm / SwiGLU /
 RoPE kernels (:func:`dsparse.fuse_model`; the prefill, not the few-row decode steps) unless
@@ -91,8 +91,9 @@ def main() -> None:
     parser.add_argument("--fusion", choices=["on", "off"], default="on", help="fused RMSNorm / SwiGLU / RoPE kernels")
     parser.add_argument("--projections", choices=["on", "off"], default="on",
                         help="q/k/v and gate/up as one product each, dense and sparse alike")
-    parser.add_argument("--fold", choices=["on", "off"], default="on",
-                        help="adapters folded into the sparse forward operand (off: added onto its output)")
+    parser.add_argument("--fold", default="on", choices=["on", "off", "on,off"],
+                        help="adapters folded into the sparse forward operand (on), multiply-added onto its output "
+                             "(off: rows named *_added), or each in turn from one export (on,off)")
     parser.add_argument("--profile", action="store_true", help="also one prefill per model under torch.profiler")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -128,17 +129,17 @@ def main() -> None:
             export_model(model, tmp, dtype=dtype)
             del model
             gc.collect()
-            loaded = load_for_inference(tmp, device=device, dtype=dtype, backend=args.backend,
-                                        projections=args.projections == "on", fold_adapters=args.fold == "on")
-        fuse(loaded)
-        name = f"sparse_r{fraction:g}"
-        results[name] = measure(loaded, args, device)
-        print(f"{name}: {results[name]}", flush=True)
-        _write(results, args)  # after every variant: a run cut off by its time limit keeps what it measured
-        del loaded
-        gc.collect()
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-
+            for fold in args.fold.split(",") if fraction > 0 else args.fold.split(",")[:1]:
+                loaded = load_for_inference(tmp, device=device, dtype=dtype, backend=args.backend,
+                                            projections=args.projections == "on", fold_adapters=fold == "on")
+                fuse(loaded)
+                name = f"sparse_r{fraction:g}" + ("_added" if fold == "off" and fraction > 0 else "")
+                results[name] = measure(loaded, args, device)
+                print(f"{name}: {results[name]}", flush=True)
+                _write(results, args)  # after every variant: a run cut off by its time limit keeps what it measured
+                del loaded
+                gc.collect()
+                torch.cuda.empty_cache() if device.type == "cuda" else None
 
 if __name__ == "__main__":
     main()

@@ -137,8 +137,9 @@ def infer_table() -> list[str]:
             fused = ", fused " + "/".join(name for key, name in (("rms_norm", "RMSNorm"), ("swiglu", "SwiGLU"),
                                                                  ("rope", "RoPE"), ("projections", "projections"))
                                       if blocks.get(key))
-        adapters = ("folded into the sparse operand" if a.get("fold") == "on"  # runs before folding: added after
-                    else "multiply-added onto the sparse output")
+        folds = a.get("fold", "off").split(",")  # runs from before folding added them after the product
+        adapters = {("on",): "folded into the sparse operand", ("off",): "multiply-added onto the sparse output"}.get(
+            tuple(folds), "folded into the sparse operand, `_added` rows multiply-added onto its output")
         lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens, "
                   f"decode {a['new_tokens']} tokens{fused}; adapters {adapters}; {_env(data['environment'])})",
                   *_provenance(data),
