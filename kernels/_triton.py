@@ -30,7 +30,8 @@ from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-__all__ = ["SUM", "DualKernel", "check_same_device", "check_2d", "device_guard", "capture_launches", "compile_offline"]
+__all__ = ["SUM", "DualKernel", "cdiv", "next_power_of_2", "check_same_device", "check_2d", "device_guard",
+           "capture_launches", "compile_offline"]
 
 _captured: list | None = None
 
@@ -43,6 +44,17 @@ def _add(a, b):
 # DualKernel cannot call. tl.reduce is a builtin; this combine function for it is always a
 # JITFunction, which the compiler inlines and the interpreter calls as plain Python.
 SUM = JITFunction(_add)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)``, as ``triton.cdiv``: that is a constexpr function, ~2 µs a host call, and a llama-1b
+    training step computes ~1000 grid and block sizes."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 that is >= ``n`` (0 for 0), as ``triton.next_power_of_2``, at a plain call's cost."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 class DualKernel:
@@ -73,16 +85,18 @@ class DualKernel:
         if isinstance(fn, InterpretedFunction):
             fn[tuple(grid)](*args, **kwargs)
             return
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        current = torch.cuda.current_device()
+        index = device.index if device.index is not None else current
         key = (index, *map(_specialization, args), *kwargs.items())
         compiled = self._compiled.get(key)
-        if compiled is not None and torch.cuda.current_device() == index:  # as triton's JITFunction.run launches
+        if compiled is not None and current == index:  # as triton's JITFunction.run launches
             values = (*args, *(kwargs[name] for name in fn.arg_names[len(args):]))  # every parameter, in order
             gx, gy, gz = (*grid, 1, 1)[:3]
             stream = torch._C._cuda_getCurrentRawStream(index)
-            compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata,
-                         compiled.launch_metadata(grid, stream, *values),
-                         knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+            enter_hook = knobs.runtime.launch_enter_hook  # launch metadata is only for such hooks
+            metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *values)
+            compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, metadata,
+                         enter_hook, knobs.runtime.launch_exit_hook, *values)
             return
         with device_guard(device):
             self._compiled[key] = fn[tuple(grid)](*args, **kwargs)

@@ -10,10 +10,9 @@ memory bandwidth.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._triton import DualKernel, check_2d, check_same_device
+from ._triton import DualKernel, cdiv, check_2d, check_same_device, next_power_of_2
 
 __all__ = ["gather_kept", "gather_kept_reference"]
 
@@ -89,8 +88,8 @@ def gather_kept(dense: torch.Tensor, idx: torch.Tensor, n: int, m: int, *, out: 
         return out
     cfg = {**CONFIG, **(config or {})}
     groups = cols // m
-    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(groups, cfg["BLOCK_G"]))
+    grid = (cdiv(rows, cfg["BLOCK_R"]), cdiv(groups, cfg["BLOCK_G"]))
     _KERNEL.launch(dense.device, grid, dense, idx, out, rows, groups, dense.stride(0), dense.stride(1),
                    idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), N=n, M=m,
-                   NP=triton.next_power_of_2(n), MP=triton.next_power_of_2(m), **cfg)
+                   NP=next_power_of_2(n), MP=next_power_of_2(m), **cfg)
     return out

@@ -14,10 +14,9 @@ reading it back (two passes over ``T x 2·intermediate``).
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._triton import DualKernel, check_2d, check_same_device
+from ._triton import DualKernel, cdiv, check_2d, check_same_device, next_power_of_2
 
 __all__ = ["lowrank_addmm", "lowrank_addmm_reference", "lowrank_silu_mul", "bias_add", "bias_add_reference",
            "FLOAT_DTYPES"]
@@ -137,11 +136,11 @@ def _launch(what: str, y: torch.Tensor, u: torch.Tensor | None, b: torch.Tensor 
     has_lr = rank > 0
     ieee = has_lr and not (u.dtype == b.dtype and u.dtype in (torch.float16, torch.bfloat16))
     cfg = {**(CONFIG_FP32 if ieee else CONFIG_GATED if gated else CONFIG), **(config or {})}
-    block_r = BLOCK_R_FP32 if ieee else min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rank)))
+    block_r = BLOCK_R_FP32 if ieee else min(MAX_BLOCK_R, max(16, next_power_of_2(rank)))
     if has_lr and u.dtype == torch.bfloat16 and _KERNEL.is_interpreted(y.device):
         ieee = True  # the interpreter's tl.dot multiplies bf16 bit patterns as integers; same math in fp32
     dummy = y  # stands in for absent pointers (never read)
-    grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), triton.cdiv(width, cfg["BLOCK_N"]))
+    grid = (cdiv(tokens, cfg["BLOCK_T"]), cdiv(width, cfg["BLOCK_N"]))
     _KERNEL.launch(y.device, grid,
                    y, u if has_lr else dummy, b if has_lr else dummy, bias if bias is not None else dummy, out,
                    tokens, width, rank, float(scale),
@@ -150,7 +149,7 @@ def _launch(what: str, y: torch.Tensor, u: torch.Tensor | None, b: torch.Tensor 
                    b.stride(0) if has_lr else 0, b.stride(1) if has_lr else 0,
                    out.stride(0), out.stride(1),
                    HAS_LR=has_lr, HAS_BIAS=bias is not None, IEEE=ieee, GATED=gated, BLOCK_R=block_r,
-                   R_CHUNKS=triton.cdiv(rank, block_r), **cfg)
+                   R_CHUNKS=cdiv(rank, block_r), **cfg)
     return out
 
 

@@ -19,10 +19,9 @@ transposes that once and writes ``slots_t`` rows ``4g .. 4g + 3``.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._triton import DualKernel, check_2d, check_same_device
+from ._triton import DualKernel, cdiv, check_2d, check_same_device
 
 __all__ = ["transpose_keep_and_slots", "transpose_keep_and_slots_reference", "slots_reference", "VALUE_DTYPES"]
 
@@ -199,7 +198,7 @@ def transpose_keep_and_slots(values: torch.Tensor, idx: torch.Tensor, *,
         return keep_t, slots_t
     keep_u8 = keep_t.view(torch.uint8)
     cfg = {**CONFIG, **(config or {})}
-    grid = (triton.cdiv(rows // 4, cfg["BLOCK_H"]), triton.cdiv(in_features // 4, cfg["BLOCK_G"]))
+    grid = (cdiv(rows // 4, cfg["BLOCK_H"]), cdiv(in_features // 4, cfg["BLOCK_G"]))
     _KERNEL.launch(values.device, grid,
                    values, idx, keep_u8, slots_t, rows // 4, in_features // 4,
                    values.stride(0), values.stride(1), idx.stride(0), idx.stride(1),

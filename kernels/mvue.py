@@ -17,10 +17,9 @@ A program owns ``BLOCK_C`` rows of ``S`` and ``BLOCK_P`` pairs: it reads ``2·BL
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._triton import DualKernel, check_2d, check_same_device
+from ._triton import DualKernel, cdiv, check_2d, check_same_device
 from .cslt_meta import check_shape
 
 __all__ = ["mvue_transpose", "mvue_transpose_reference", "mvue_compress", "mvue_compress_reference",
@@ -250,7 +249,7 @@ def _launch(dy: torch.Tensor, key: int, padded: int, out: torch.Tensor, meta: to
         raise ValueError(f"mvue_compress: BLOCK_C must be a multiple of 64 and BLOCK_P of 16 (whole blocks of "
                          f"cuSPARSELt's metadata), got {cfg}")
     tokens, cols = dh.shape if swiglu is not None else dy.shape
-    grid = (triton.cdiv(cols, cfg["BLOCK_C"]), triton.cdiv(padded // 2, cfg["BLOCK_P"]))
+    grid = (cdiv(cols, cfg["BLOCK_C"]), cdiv(padded // 2, cfg["BLOCK_P"]))
     _KERNEL.launch(dy.device, grid, dy, out, meta, key, tokens, cols, padded // 2, dy.stride(0), dy.stride(1),
                    out.stride(0), out.stride(1), dh, dgu, dh.stride(0), dh.stride(1), dgu.stride(0), dgu.stride(1),
                    **cfg, ROUND_BF16=dy.dtype == torch.bfloat16 and _KERNEL.is_interpreted(dy.device),

@@ -16,10 +16,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 import triton.language as tl
 
-from ._triton import SUM, DualKernel, check_2d, check_same_device
+from ._triton import SUM, DualKernel, cdiv, check_2d, check_same_device, next_power_of_2
 
 __all__ = ["rms_norm_forward", "rms_norm_backward", "rms_norm_reference", "NORM_DTYPES"]
 
@@ -125,7 +124,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     check_same_device(what, x, weight=weight, out=out)
     if rows:
-        block = triton.next_power_of_2(cols)
+        block = next_power_of_2(cols)
         _FWD.launch(x.device, (rows,), x, weight, y, rstd, cols, x.stride(0), y.stride(0), float(eps),
                     BLOCK=block, num_warps=_num_warps(block))
     return y, rstd
@@ -149,10 +148,10 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if rows == 0:
         return dx, torch.zeros_like(weight)
-    rows_per_prog = triton.next_power_of_2(triton.cdiv(rows, _sm_count(x.device) * _BWD_PROGRAMS_PER_SM))
-    programs = triton.cdiv(rows, rows_per_prog)
+    rows_per_prog = next_power_of_2(cdiv(rows, _sm_count(x.device) * _BWD_PROGRAMS_PER_SM))
+    programs = cdiv(rows, rows_per_prog)
     partial = torch.empty(programs, cols, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(cols)
+    block = next_power_of_2(cols)
     _BWD.launch(x.device, (programs,), dy, x, weight, rstd, dx, partial, rows, cols, dy.stride(0), x.stride(0),
                 dx.stride(0), BLOCK=block, ROWS_PER_PROG=rows_per_prog, num_warps=_num_warps(block))
     return dx, partial.sum(0).to(weight.dtype)

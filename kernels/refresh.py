@@ -18,10 +18,9 @@ the slots costs a few integer compares and saves storing them (0.5 byte per weig
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._triton import DualKernel, check_2d, check_same_device
+from ._triton import DualKernel, cdiv, check_2d, check_same_device
 from .masks import slots_reference
 
 __all__ = ["transpose_values", "transpose_values_reference", "VALUE_DTYPES"]
@@ -180,7 +179,7 @@ def transpose_values(values: torch.Tensor, idx: torch.Tensor, keep_t: torch.Tens
         return out
     keep_u8 = keep_t.view(torch.uint8)
     cfg = {**CONFIG, **(config or {})}
-    grid = (triton.cdiv(rows // 4, cfg["BLOCK_H"]), triton.cdiv(in_features // 4, cfg["BLOCK_G"]))
+    grid = (cdiv(rows // 4, cfg["BLOCK_H"]), cdiv(in_features // 4, cfg["BLOCK_G"]))
     _KERNEL.launch(values.device, grid,
                    values, idx, keep_u8, out, values if values_out is None else values_out,
                    rows // 4, in_features // 4,

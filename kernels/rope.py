@@ -16,10 +16,9 @@ For halves ``x = [x1, x2]``, ``cos = [c1, c2]``, ``sin = [s1, s2]``:
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._triton import DualKernel, check_same_device
+from ._triton import DualKernel, cdiv, check_same_device, next_power_of_2
 
 __all__ = ["rope_forward", "rope_backward", "rope_reference"]
 
@@ -97,10 +96,10 @@ def _rotate(what: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ba
             batch = max(cos.shape[0], sin.shape[0])
             cos, sin = (t.expand(batch, s, d).contiguous() for t in (cos, sin))
         cb = cos.stride(0) if cos.shape[0] > 1 else 0
-        block_h = min(triton.next_power_of_2(h), 16)
+        block_h = min(next_power_of_2(h), 16)
         _KERNEL.launch(x.device, (b * s,), x, cos, sin, out, s, h, *x.stride()[:3], *out.stride()[:3], cb,
-                       cos.stride(1), HALF=d // 2, BLOCK_H=block_h, H_CHUNKS=triton.cdiv(h, block_h),
-                       BLOCK_D=triton.next_power_of_2(d // 2), BACKWARD=backward, num_warps=4,
+                       cos.stride(1), HALF=d // 2, BLOCK_H=block_h, H_CHUNKS=cdiv(h, block_h),
+                       BLOCK_D=next_power_of_2(d // 2), BACKWARD=backward, num_warps=4,
                        enable_fp_fusion=False)  # no FMA: fp32 rounds each product as torch does
     return out
 

@@ -13,10 +13,9 @@ and ``du`` into the halves of one gradient buffer, so no copy joins or splits th
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._triton import DualKernel, check_same_device
+from ._triton import DualKernel, cdiv, check_same_device
 
 __all__ = ["silu_mul_forward", "silu_mul_backward", "silu_mul_reference"]
 
@@ -94,7 +93,7 @@ def _check(what: str, rows: dict[str, torch.Tensor], dense: dict[str, torch.Tens
 
 
 def _grid(numel: int) -> tuple[int]:
-    return (triton.cdiv(numel, CONFIG["BLOCK"]),)
+    return (cdiv(numel, CONFIG["BLOCK"]),)
 
 
 def silu_mul_forward(g: torch.Tensor, u: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:

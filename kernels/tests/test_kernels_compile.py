@@ -140,3 +140,15 @@ def test_launch_specialization_keys_what_triton_compiles_for():
     assert _specialization(1) != _specialization(17) and _specialization(16) == _specialization(32)
     assert _specialization(17) == _specialization(3) and _specialization(2**31) != _specialization(16)
     assert _specialization(True) != _specialization(1) and _specialization(0.5) == _specialization(2.0)
+
+
+def test_host_grid_helpers_match_triton():
+    """kernels._triton.cdiv / next_power_of_2 compute what triton's constexpr functions do, at a plain call's cost."""
+    import triton
+
+    from kernels._triton import cdiv, next_power_of_2
+
+    for n in range(0, 5000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 4096):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
