@@ -14,8 +14,8 @@ lane, wrapping around: McNaughton's rule), and that layer's rows keep that lane 
 ``C`` values; elsewhere they keep zeros. So gate/up's two adapters share the groups (gate's in
 lane 0, up's in lane 1 for 2:4) and add ``Σ r`` columns; a lone adapter adds ``M/N · r`` (its
 other lanes read zero columns). ``A'`` (the ``A`` rows in that column order, zero rows for
-unused lanes) makes all of ``U'`` in one GEMM. The output pass is gone; the sparse GEMM reads
-3-6% more columns at rank 1.56% of a 2048-wide layer. Whoever produces ``X`` may write it
+unused lanes) makes all of ``U'`` in one GEMM. The output pass is gone; the sparse GEMMs read
+64 more columns at rank 1.56% of llama-1b (3% of 2048). Whoever produces ``X`` may write it
 straight into the wide input (:func:`input_slot`: the fused RMSNorm and SwiGLU gate do); any
 other input is copied in. Inference only: a folded product gives ``A`` and ``B`` no gradient.
 """
