@@ -56,6 +56,7 @@ def test_a_folded_layer_matches_its_adapter_added_after_the_product(dtype):
     unfolded.prepare_inference(fold_adapters=False)
     assert layer._fold is not None and unfolded._fold is None
     assert layer.adapter_a.numel() == layer.adapter_b.numel() == 0  # inside the operand now
+    assert layer.adapter_rank == 6 and "adapter_rank=6" in repr(layer)
     assert unfolded.adapter_a.numel() > 0
     x = torch.randn(3, 7, 64, dtype=dtype)
     with torch.no_grad():

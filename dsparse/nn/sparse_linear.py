@@ -378,6 +378,7 @@ class SparseLinear(SparseProduct, nn.Module):
         self.adapter_b = nn.Parameter(torch.zeros(self.out_features, rank, device=param.device, dtype=param.dtype))
         self.register_buffer("adapter_active", torch.tensor(bool(active), device=param.device))
         self._host_adapter_active = bool(active)
+        self._adapter_rank = rank
         self.adapter_scale = alpha / rank
 
     @property
@@ -386,10 +387,8 @@ class SparseLinear(SparseProduct, nn.Module):
 
     @property
     def adapter_rank(self) -> int:
-        """The adapter's rank (0 without one); ZeRO-3 keeps the full shape in ``ds_shape``."""
-        if not self.has_adapter:
-            return 0
-        return int(getattr(self.adapter_a, "ds_shape", self.adapter_a.shape)[0])
+        """The adapter's rank (0 without one), as added (ZeRO-3 partitions ``A`` and a folded adapter frees it)."""
+        return self._adapter_rank if self.has_adapter else 0
 
     @property
     def adapter_is_active(self) -> bool:
