@@ -284,7 +284,9 @@ def fuse_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, rop
 
     RMSNorms and MLPs are swapped for :class:`FusedRMSNorm` / :class:`FusedGatedMLP`; attention
     modules keep their class and gain an instance forward that applies the rotary embedding
-    with :mod:`kernels.rope`. Inputs of fewer than ``min_rows`` rows run HF's torch code. Returns
+    with :mod:`kernels.rope`. A decoder layer's two norms learn which projection reads them
+    (:data:`NORM_READERS`), to write into its wide input when it folds adapters (inference).
+    Inputs of fewer than ``min_rows`` rows run HF's torch code. Returns
     how many of each were fused. Other classes (e.g. Gemma's
     ``(1 + w)`` norm, GELU-gated MLPs) are left alone: only classes known to compute exactly
     what the fused kernels compute are touched.
