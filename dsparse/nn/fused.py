@@ -198,11 +198,11 @@ class FusedRMSNorm(nn.Module):
         from .adapter_fold import input_slot
 
         reader = self.__dict__.get("_reader")
-        try:
-            module = reader[0].get_submodule(reader[1]) if reader is not None else None
-        except AttributeError:  # the reader was removed
+        if reader is None:
             return None
-        if module is None:
+        try:
+            module = reader[0].get_submodule(reader[1])
+        except AttributeError:  # the reader was removed
             return None
         dtype = torch.promote_types(x.dtype, self.weight.dtype)
         return input_slot(module, x.numel() // x.shape[-1], dtype, x.device)

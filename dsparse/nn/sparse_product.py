@@ -195,8 +195,8 @@ class SparseProduct:
         if release_state:
             backend.release_sources(ops)
             self._release_state()
-            for layer in layers if folded else ():
-                if layer is not None:
+            if folded:
+                for layer in filter(None, layers):
                     layer.release_adapter()
 
     def _folded_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
