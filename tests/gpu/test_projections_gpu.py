@@ -59,8 +59,9 @@ def test_group_graph_replay_equals_fresh_operands_across_a_mask_change(dtype):
     assert refresh.replays == 3  # steps 1, 4 and 7 (0, 3 and 6 capture)
 
 
-def test_loaded_export_with_groups_computes_what_separate_layers_do(tmp_path):
-    from dsparse.export import export_model, load_for_inference
+def _export_with_adapters(path) -> str:
+    """A 2-layer LLaMA, sparse, rank-4 adapters with nonzero B, exported in bf16 to ``path``."""
+    from dsparse.export import export_model
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -69,8 +70,15 @@ def test_loaded_export_with_groups_computes_what_separate_layers_do(tmp_path):
     for _, layer in sparse_modules(model):
         layer.add_adapter(4)
         torch.nn.init.normal_(layer.adapter_b, std=0.01)
-    export_model(model, str(tmp_path), dtype=torch.bfloat16)
-    grouped, apart = (load_for_inference(str(tmp_path), device="cuda", projections=p) for p in (True, False))
+    export_model(model, str(path), dtype=torch.bfloat16)
+    return str(path)
+
+
+def test_loaded_export_with_groups_computes_what_separate_layers_do(tmp_path):
+    from dsparse.export import load_for_inference
+
+    export = _export_with_adapters(tmp_path)
+    grouped, apart = (load_for_inference(export, device="cuda", projections=p) for p in (True, False))
     ids = torch.randint(0, 256, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(grouped(input_ids=ids).logits.float(), apart(input_ids=ids).logits.float(),
@@ -81,18 +89,11 @@ def test_folded_adapters_on_cusparselt_match_adapters_added_after_the_product(tm
     """The exported model with fused blocks: folded adapters (the norms and the gate writing the wide inputs) give
     the logits and greedy tokens of the lowrank_addmm path."""
     from dsparse import fuse_model
-    from dsparse.export import export_model, load_for_inference
+    from dsparse.export import load_for_inference
     from dsparse.nn import adapter_fold
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = sparsify(LlamaForCausalLM(cfg), {})
-    for _, layer in sparse_modules(model):
-        layer.add_adapter(4)
-        torch.nn.init.normal_(layer.adapter_b, std=0.01)
-    export_model(model, str(tmp_path), dtype=torch.bfloat16)
-    folded, added = (load_for_inference(str(tmp_path), device="cuda", fold_adapters=f) for f in (True, False))
+    export = _export_with_adapters(tmp_path)
+    folded, added = (load_for_inference(export, device="cuda", fold_adapters=f) for f in (True, False))
     for m in (folded, added):
         fuse_model(m, min_rows=0)
     wide_input = adapter_fold.AdapterFold.wide_input
