@@ -129,7 +129,8 @@ def main() -> None:
             export_model(model, tmp, dtype=dtype)
             del model
             gc.collect()
-            for fold in args.fold.split(",") if fraction > 0 else args.fold.split(",")[:1]:
+            folds = args.fold.split(",")
+            for fold in folds if fraction > 0 else folds[:1]:  # without adapters there is nothing to fold
                 loaded = load_for_inference(tmp, device=device, dtype=dtype, backend=args.backend,
                                             projections=args.projections == "on", fold_adapters=fold == "on")
                 fuse(loaded)
@@ -140,6 +141,7 @@ def main() -> None:
                 del loaded
                 gc.collect()
                 torch.cuda.empty_cache() if device.type == "cuda" else None
+
 
 if __name__ == "__main__":
     main()
