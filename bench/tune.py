@@ -3,7 +3,7 @@ MVUE weight gradient) and save the winners.
 
 The measurement itself is :func:`dsparse.backends.tuning.tune_product` (every cuSPARSELt
 algorithm and result layout, run as dsparse runs them and checked against algorithm 0,
-and the dense GEMM); here the finalists are timed as CUDA graphs (kernels alone). After
+dsparse's few-token kernel up to 64 tokens, and the dense GEMM); here the finalists are timed as CUDA graphs (kernels alone). After
 every product all plans (merged into the existing file) go to a JSON file keyed by GPU and
 versions, which :func:`dsparse.backends.plans.load_plans` reads back; ``gpu_session.sh``
 writes it into ``dsparse/backends/tuned/``. The full table of timings goes to
@@ -46,14 +46,16 @@ def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str
                     plans.set_plan(role, tokens, k, rows, dtype, plan)
                     plans.save_plans(path)
                     default = next(t.get("ms", float("nan")) for t in timings
-                                   if (t["alg_id"], t["transpose_result"], t["dense"]) == (0, False, False))
-                    dense = next((t["ms"] for t in timings if t["dense"] and "ms" in t), float("nan"))
+                                   if (t["alg_id"], t["transpose_result"], t["dense"], t["skinny"])
+                                   == (0, False, False, False))
+                    dense, skinny = (next((t["ms"] for t in timings if t[way] and "ms" in t), float("nan"))
+                                     for way in ("dense", "skinny"))
                     best = min(t["ms"] for t in timings if "ms" in t)
                     table.append({"role": role, "tokens": tokens, "k": k, "n": rows, "dtype": dname,
-                                  "plan": vars(plan), "default_ms": default, "dense_ms": dense, "best_ms": best,
-                                  "timings": timings})
+                                  "plan": vars(plan), "default_ms": default, "dense_ms": dense, "skinny_ms": skinny,
+                                  "best_ms": best, "timings": timings})
                     print(f"{role:3s} T={tokens:6d} k={k:6d} n={rows:6d} {dname}: default {default:.3f} ms, dense "
-                          f"{dense:.3f} ms, best {best:.3f} ms with {plan} (kernels; "
+                          f"{dense:.3f} ms, skinny {skinny:.3f} ms, best {best:.3f} ms with {plan} (kernels; "
                           f"{time.perf_counter() - start:.1f} s)", flush=True)
     return table
 

@@ -17,6 +17,8 @@
   gradients, transposed and padded in one pass; :func:`mvue_compress` writes it straight
   into cuSPARSELt's compressed layout (:mod:`kernels.cslt_meta`); :func:`mvue_compress_swiglu`
   does so for a gate/up projection inside SwiGLU's backward pass.
+* :func:`skinny_sparse_mm` — ``x @ Aᵀ (+ bias)`` for few tokens (decoding) straight from cuSPARSELt's
+  compressed ``A``: the weight read at 9/16 of its dense bytes.
 
 Each has a pure-torch ``*_reference`` next to it. The kernels run compiled on CUDA
 tensors and through the Triton interpreter on CPU tensors (tests only: slow), whatever
@@ -32,6 +34,7 @@ from .swiglu import silu_mul_backward, silu_mul_forward, silu_mul_reference
 from .rope import rope_backward, rope_forward, rope_reference
 from .masks import transpose_keep_and_slots, transpose_keep_and_slots_reference
 from .refresh import transpose_values, transpose_values_reference
+from .skinny import skinny_sparse_mm, skinny_sparse_mm_reference
 
 __all__ = [
     "gather_kept",
@@ -59,4 +62,6 @@ __all__ = [
     "rope_forward",
     "rope_backward",
     "rope_reference",
+    "skinny_sparse_mm",
+    "skinny_sparse_mm_reference",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ALIGN", "compress_reference", "metadata_nibbles", "check_shape"]
+__all__ = ["ALIGN", "compress_reference", "decompress_reference", "metadata_nibbles", "check_shape"]
 
 ALIGN = 64  # rows and columns of a matrix whose compressed form has no padding
 
@@ -55,3 +55,17 @@ def compress_reference(values: torch.Tensor, positions: torch.Tensor) -> torch.T
     meta = (nibbles[0::2] | nibbles[1::2] << 4).to(torch.uint8)
     packed = torch.cat([values.contiguous().view(torch.uint8).reshape(-1), meta])
     return packed.view(values.dtype).reshape(rows, kept + kept // 8)
+
+
+def decompress_reference(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The dense ``(rows, cols)`` 2:4 matrix whose compressed form is ``packed`` (inverse of
+    :func:`compress_reference`; a group of zeros decodes to zeros wherever its metadata points)."""
+    rows = packed.shape[0]
+    check_shape("decompress_reference", rows, cols)
+    flat = packed.reshape(-1)
+    values = flat[: rows * cols // 2].view(rows, cols // 2)
+    meta = flat[rows * cols // 2:].view(torch.uint8).to(torch.int64)
+    nibbles = torch.stack([meta & 15, meta >> 4], 1).reshape(-1)[metadata_nibbles(rows, cols, packed.device)]
+    positions = torch.stack([nibbles & 3, nibbles >> 2], -1).reshape(rows, cols // 4, 2)
+    dense = torch.zeros(rows, cols // 4, 4, dtype=packed.dtype, device=packed.device)
+    return dense.scatter_(-1, positions, values.reshape(rows, cols // 4, 2)).reshape(rows, cols)

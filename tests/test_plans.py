@@ -43,24 +43,26 @@ def test_default_plans_only_overrides_tuned_plans_inside_the_block():
     assert plans.plan_for("fwd", 8192, 768, 768, torch.bfloat16) == Plan(4, True)
 
 
-def test_plans_round_trip_through_json_with_the_dense_flag(tmp_path):
+def test_plans_round_trip_through_json_with_the_dense_and_skinny_flags(tmp_path):
     plans.set_plan("fwd", 8192, 768, 3072, torch.bfloat16, Plan(6, True, dense=True))
     plans.set_plan("dx", 8192, 3072, 768, torch.bfloat16, Plan(17, True))
+    plans.set_plan("fwd", 8, 768, 3072, torch.bfloat16, Plan(3, True, dense=True, skinny=True))
     path = tmp_path / "saved.json"
     plans.save_plans(path)
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
     plans.clear_plans()
-    assert plans.load_plans(path) == 2
+    assert plans.load_plans(path) == 3
     assert plans.plan_for("fwd", 8192, 768, 3072, torch.bfloat16) == Plan(6, True, dense=True)
     assert plans.plan_for("dx", 8192, 3072, 768, torch.bfloat16) == Plan(17, True)
+    assert plans.plan_for("fwd", 8, 768, 3072, torch.bfloat16) == Plan(3, True, dense=True, skinny=True)
 
 
-def test_plan_files_from_before_the_dense_flag_still_load(tmp_path):
+def test_plan_files_from_before_the_dense_and_skinny_flags_still_load(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps([{"role": "fwd", "tokens": 8192, "k": 2048, "n": 2048, "dtype": "bfloat16",
                                  "alg_id": 20, "transpose_result": True}]))
     plans.load_plans(path)
-    assert plans.plan_for("fwd", 8192, 2048, 2048, torch.bfloat16) == Plan(20, True, dense=False)
+    assert plans.plan_for("fwd", 8192, 2048, 2048, torch.bfloat16) == Plan(20, True, dense=False, skinny=False)
 
 
 def test_the_shipped_h100_plans_parse():

@@ -102,15 +102,25 @@ def _inplace_layout_ok(dtype: torch.dtype, device: torch.device) -> bool:
 
 def _direct_compress_ok(dy2d: torch.Tensor, padded: int) -> bool:
     """Whether ``S(dYᵀ)`` ``(out, padded)`` can be written compressed by :func:`kernels.mvue_compress`:
-    unpadded dims, and :mod:`kernels.cslt_meta`'s layout is what this cuSPARSELt writes (checked once per dtype)."""
+    unpadded dims, and :mod:`kernels.cslt_meta`'s layout is what this cuSPARSELt writes."""
+    return _meta_layout_described(dy2d.shape[1], padded, dy2d.dtype, dy2d.device)
+
+
+def skinny_applies(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`kernels.skinny_sparse_mm` reads this backend's compressed ``(rows, cols)`` operands."""
+    return _meta_layout_described(rows, cols, dtype, device)
+
+
+def _meta_layout_described(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a ``(rows, cols)`` operand compresses unpadded and :mod:`kernels.cslt_meta`'s layout is what
+    this cuSPARSELt writes (checked once per dtype)."""
     from kernels import cslt_meta
 
-    if dy2d.shape[1] % cslt_meta.ALIGN or padded % cslt_meta.ALIGN:
+    if rows % cslt_meta.ALIGN or cols % cslt_meta.ALIGN or dtype not in SUPPORTED_DTYPES:
         return False
-    dtype = dy2d.dtype
     if dtype not in _meta_layout_ok:
-        gen = torch.Generator(device=dy2d.device).manual_seed(0)
-        dense = torch.randn(128, 192, generator=gen, device=dy2d.device).to(dtype)
+        gen = torch.Generator(device=device).manual_seed(0)
+        dense = torch.randn(128, 192, generator=gen, device=device).to(dtype)
         idx = nm.kept_positions(nm.nm_mask(dense.abs().float(), 2, 4), 2, 4)
         kept = nm.gather_kept(dense, idx, 4)
         want = torch._cslt_compress(nm.scatter_kept(kept, idx, 2, 4))
@@ -262,13 +272,18 @@ def _sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | Non
     """``x2d @ Aᵀ (+ bias)`` for a compressed ``A``: contiguous ``(tokens, rows of A)``.
 
     Runs on the cached cuSPARSELt plans of :mod:`.cslt_binding` where that binding works,
-    else on ``torch._cslt_sparse_mm`` (same descriptors and algorithm, same result).
+    else on ``torch._cslt_sparse_mm`` (same descriptors and algorithm, same result); a
+    ``skinny`` plan on :func:`kernels.skinny_sparse_mm` where it reads the operand.
     """
     from . import cslt_binding
 
+    x2d = x2d.contiguous()
+    if plan.skinny and skinny_applies(packed.shape[0], x2d.shape[1], x2d.dtype, x2d.device):
+        from kernels import skinny_sparse_mm
+
+        return skinny_sparse_mm(packed, x2d, bias)
     tokens = x2d.shape[0]
     pad = (-tokens) % _TOKEN_MULTIPLE
-    x2d = x2d.contiguous()
     dense = torch.nn.functional.pad(x2d, (0, 0, 0, pad)) if pad else x2d
     if cslt_binding.available(dense.dtype, dense.device):
         out = cslt_binding.sparse_mm(packed, dense, bias, plan.transpose_result, plan.alg_id)

@@ -2,8 +2,9 @@
 
 A plan says how one product runs: cuSPARSELt's algorithm id and whether cuSPARSELt
 writes the result transposed (row-major ``(tokens, features)``) or the backend copies it
-there, or a dense GEMM on the decompressed operand where that is faster (small,
-launch-bound layers). Plans are chosen by measurement (:mod:`.tuning`) and load once per
+there, or dsparse's own few-token kernel on the same compressed operand (decoding), or a
+dense GEMM on the decompressed operand where that is faster (small, launch-bound layers;
+not for frozen inference models, which keep only the compressed operand). Plans are chosen by measurement (:mod:`.tuning`) and load once per
 process: first the tuned plans shipped for this GPU and cuSPARSELt version
 (``dsparse/backends/tuned/``), then the user's cache (:func:`default_cache_path`,
 overridable with ``DSPARSE_PLANS``). A product uses the plan tuned for its shape at the
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 class Plan:
     alg_id: int = 0
     transpose_result: bool = False
-    dense: bool = False  # faster as a dense GEMM on the decompressed operand (alg_id etc.: the best sparse way)
+    dense: bool = False  # faster as a dense GEMM on the decompressed operand (the rest: the best sparse way)
+    skinny: bool = False  # dsparse's few-token kernel on the compressed operand (kernels.skinny_sparse_mm)
 
 
 DEFAULT_PLAN = Plan()
@@ -162,7 +164,8 @@ def load_plans(path: str | os.PathLike) -> int:
         rows = json.load(f)
     for row in rows:
         set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"],
-                 Plan(int(row["alg_id"]), bool(row["transpose_result"]), bool(row.get("dense", False))))
+                 Plan(int(row["alg_id"]), bool(row["transpose_result"]), bool(row.get("dense", False)),
+                      bool(row.get("skinny", False))))
     _loaded = True
     return len(rows)
 

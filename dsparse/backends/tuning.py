@@ -3,9 +3,10 @@
 A product is ``x2d (tokens, k) @ Aᵀ`` with ``A (rows, k)`` 2:4 along ``k``: the forward
 (``A = W``) or the input gradient (``A = W̃ᵀ``). The candidates are cuSPARSELt's
 algorithms with the result written transposed or not, run exactly as the backend runs
-them (:func:`dsparse.backends.cusparselt._sparse_mm`), and a dense GEMM on the
-decompressed ``A`` (what dsparse falls back to where sparse loses, e.g. on small layers
-that are launch-bound). A short eager screen times every cuSPARSELt algorithm with the
+them (:func:`dsparse.backends.cusparselt._sparse_mm`), up to :data:`kernels.skinny.MAX_TOKENS`
+tokens dsparse's few-token kernel on the same operand (:func:`kernels.skinny_sparse_mm`),
+and a dense GEMM on the decompressed ``A`` (what dsparse falls back to where sparse loses,
+e.g. on small layers that are launch-bound). A short eager screen times every cuSPARSELt algorithm with the
 transposed result and algorithm 0 untransposed (on an H100 the untransposed layout was
 never within 30% of the best); the fastest few, the default and the dense GEMM are then
 timed again. Results are checked against algorithm 0, so a broken algorithm is never
@@ -47,7 +48,9 @@ def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: b
     ``graph``: time the finalists as CUDA graph replays (kernels alone) instead of eagerly.
     ``dense``: include the dense GEMM as a candidate.
     """
-    from .cusparselt import _compress_slots, _sparse_mm
+    from kernels.skinny import MAX_TOKENS
+
+    from .cusparselt import _compress_slots, _sparse_mm, skinny_applies
 
     device = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (dropout, data) untouched
@@ -63,6 +66,8 @@ def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: b
         return torch.nn.functional.linear(x, w_dense) if plan.dense else _sparse_mm(packed, x, None, plan)
 
     candidates = [Plan(alg, True) for alg in range(alg_count(packed, x))] + [Plan(0, False)]
+    if tokens <= MAX_TOKENS and skinny_applies(rows, k, dtype, device):
+        candidates.append(Plan(skinny=True))
     return _pick(candidates + ([Plan(dense=True)] if dense else []), run, want, graph)
 
 
@@ -92,10 +97,13 @@ def tune_mvue_dw(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, graph
 
 def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple[Plan, list[dict]]:
     """Screen ``candidates`` (results checked against ``want``), re-time the fastest few with the
-    default and the dense GEMM, and return the best (a dense winner keeps the best sparse algorithm)."""
+    default, the skinny kernel and the dense GEMM, and return the best: ``dense`` if it beats every
+    sparse way, ``skinny`` if that kernel beats cuSPARSELt, and cuSPARSELt's best algorithm either way
+    (what runs where the others cannot)."""
     table: list[dict] = []
     for plan in candidates:
-        row = {"alg_id": plan.alg_id, "transpose_result": plan.transpose_result, "dense": plan.dense}
+        row = {"alg_id": plan.alg_id, "transpose_result": plan.transpose_result, "dense": plan.dense,
+               "skinny": plan.skinny}
         try:
             err = ((run(plan).float() - want).norm() / want.norm()).item()
             if err > MAX_ERROR:
@@ -107,15 +115,18 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
         table.append(row)
     screened = sorted((r for r in table if "screen_ms" in r), key=lambda r: r["screen_ms"])
     finalists = [r for r in screened[:FINALISTS] if r["screen_ms"] <= NEAR * screened[0]["screen_ms"]]
-    for r in table:  # the default and the dense GEMM are always timed, to compare
-        if "screen_ms" in r and r not in finalists and (r["dense"] or (r["alg_id"], r["transpose_result"]) == (0, False)):
+    for r in table:  # the default, the skinny kernel and the dense GEMM are always timed, to compare
+        default = (r["alg_id"], r["transpose_result"], r["dense"], r["skinny"]) == (0, False, False, False)
+        if "screen_ms" in r and r not in finalists and (r["dense"] or r["skinny"] or default):
             finalists.append(r)
     for r in finalists:
         r["ms"] = time_ms(lambda: run(_plan(r)), **FINAL, graph=graph)
+    best_cslt = min((r for r in finalists if not (r["dense"] or r["skinny"])), key=lambda r: r["ms"])
     best_sparse = min((r for r in finalists if not r["dense"]), key=lambda r: r["ms"])
     best = min(finalists, key=lambda r: r["ms"])
-    return Plan(best_sparse["alg_id"], best_sparse["transpose_result"], dense=best["dense"]), table
+    return Plan(best_cslt["alg_id"], best_cslt["transpose_result"], dense=best["dense"],
+                skinny=best_sparse["skinny"]), table
 
 
 def _plan(row: dict) -> Plan:
-    return Plan(row["alg_id"], row["transpose_result"], row["dense"])
+    return Plan(row["alg_id"], row["transpose_result"], row["dense"], row.get("skinny", False))

@@ -10,8 +10,8 @@ import torch
 from kernels import (bias_add, gather_kept, lowrank_addmm, lowrank_silu_mul, mvue_compress, mvue_compress_swiglu,
                      mvue_transpose, rms_norm_backward,
                      rms_norm_forward,
-                     rope_backward, rope_forward, silu_mul_backward, silu_mul_forward, transpose_keep_and_slots,
-                     transpose_values)
+                     rope_backward, rope_forward, silu_mul_backward, silu_mul_forward, skinny_sparse_mm,
+                     transpose_keep_and_slots, transpose_values)
 from kernels._testing import random_keep_t, random_kept
 from kernels._triton import capture_launches, compile_offline
 
@@ -152,3 +152,13 @@ def test_host_grid_helpers_match_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (1, 3, 16, 64, 4096):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_skinny_sparse_mm_compiles(arch, dtype):
+    packed = torch.zeros(128, 256 // 2 + 256 // 16, dtype=dtype)
+    x, bias = torch.zeros(8, 256, dtype=dtype), torch.zeros(128, dtype=dtype)
+    gpu = {"IEEE": False}  # on CPU the wrapper multiplies bf16 in fp32 (an interpreter limitation): ask for the GPU's
+    _compile(lambda: skinny_sparse_mm(packed, x, bias), arch, **gpu)
+    _compile(lambda: skinny_sparse_mm(packed, torch.zeros(40, 256, dtype=dtype)), arch, **gpu)

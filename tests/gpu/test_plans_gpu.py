@@ -4,6 +4,7 @@ import torch
 
 from dsparse import SparseLinear
 from dsparse.backends import plans
+from dsparse.backends.cusparselt import skinny_applies
 from dsparse.backends.plans import Plan
 from dsparse.backends.tuning import tune_product
 
@@ -18,7 +19,9 @@ def _rel(a, b):
 def test_tuning_times_sparse_and_dense_and_keeps_a_sparse_fallback(rows, k, tokens):
     plan, table = tune_product(rows, k, tokens, torch.bfloat16)
     assert any(r["dense"] and "ms" in r for r in table)  # the dense GEMM was a finalist
-    assert any((r["alg_id"], r["transpose_result"], r["dense"]) == (0, False, False) and "ms" in r for r in table)
+    assert any((r["alg_id"], r["transpose_result"], r["dense"], r["skinny"]) == (0, False, False, False) and "ms" in r
+               for r in table)
+    assert not any(r["skinny"] for r in table)  # the few-token kernel is no candidate at thousands of tokens
     best = min(r["ms"] for r in table if "ms" in r)
     chosen = next(r["ms"] for r in table if "ms" in r and r["dense"] == plan.dense
                   and (plan.dense or (r["alg_id"], r["transpose_result"]) == (plan.alg_id, plan.transpose_result)))
@@ -26,6 +29,29 @@ def test_tuning_times_sparse_and_dense_and_keeps_a_sparse_fallback(rows, k, toke
     sparse = [r for r in table if not r["dense"] and (r["alg_id"], r["transpose_result"]) ==
               (plan.alg_id, plan.transpose_result)]
     assert sparse and "error" not in sparse[0]  # the fallback algorithm ran correctly
+
+
+@pytest.mark.parametrize("rows, k", [(2048, 2048), (5632, 2048)])
+def test_few_tokens_time_the_skinny_kernel_and_keep_the_fastest_sparse_way(rows, k):
+    plan, table = tune_product(rows, k, 8, torch.bfloat16)
+    skinny = next(r for r in table if r["skinny"])
+    assert "error" not in skinny and "ms" in skinny  # its result matched algorithm 0 and it was a finalist
+    cslt = min(r["ms"] for r in table if "ms" in r and not (r["dense"] or r["skinny"]))
+    assert plan.skinny == (skinny["ms"] < cslt)
+
+
+def test_a_skinny_plan_runs_a_frozen_layer_as_its_cusparselt_plan_does():
+    torch.manual_seed(0)
+    layer = SparseLinear(2048, 1024, backend="cusparselt").to("cuda", torch.bfloat16)
+    x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x, layer.effective_weight(), layer.bias)
+    layer.prepare_inference(release_state=True)
+    assert skinny_applies(1024, 2048, torch.bfloat16, x.device)  # else the skinny plan runs cuSPARSELt
+    outs = []
+    for plan in (Plan(0, False), Plan(0, False, skinny=True)):
+        plans.set_plan("fwd", 8, 2048, 1024, torch.bfloat16, plan)
+        outs.append(layer(x))
+    assert _rel(outs[0], want) < 1e-2 and _rel(outs[1], outs[0]) < 1e-2
 
 
 def test_an_unseen_shape_is_tuned_once_and_cached(tmp_path, monkeypatch):

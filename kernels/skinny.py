@@ -1,0 +1,130 @@
+"""A product with few tokens on a compressed 2:4 operand: ``x @ Aᵀ (+ bias)``, reading cuSPARSELt's
+compressed ``A`` (:mod:`kernels.cslt_meta`'s layout) as it is.
+
+Decoding runs every sparse product on a handful of tokens (one per sequence). Such a
+product is bound by reading the operand: the dense weight is 2 bytes an entry, the
+compressed one 9/16 of that (the kept half of the values, plus a nibble of metadata per
+group of 4). cuSPARSELt's kernels are tiled for many tokens; this one is tiled for few.
+Each program takes ``BLOCK_R`` rows of ``A`` and up to ``BLOCK_T`` tokens, walks ``k`` in
+chunks of ``BLOCK_K``, rebuilds each chunk's dense tile in registers from the kept values
+and their positions, and multiplies it on tensor cores (fp32 accumulation; the bias is
+added in fp32 and the result rounded once, as cuSPARSELt does). The per-shape plans
+(:mod:`dsparse.backends.plans`) choose it over cuSPARSELt's algorithms where it measures
+faster; it needs no other operand, so a frozen inference model, which keeps only the
+compressed one, can take it too.
+"""
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+from . import cslt_meta
+from ._triton import DualKernel, cdiv, check_2d, check_same_device, next_power_of_2
+
+__all__ = ["skinny_sparse_mm", "skinny_sparse_mm_reference", "MAX_TOKENS"]
+
+MAX_TOKENS = 64  # tuning offers this kernel up to here (it runs any count, one token tile at a time)
+CONFIG = {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _skinny_kernel(values_ptr, meta_ptr, x_ptr, bias_ptr, y_ptr, T, R, K, sx, sy,
+                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, K_CHUNKS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # R * K may pass 2**31
+    toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mt = toks < T
+    mr = rows < R
+    # the metadata nibble of (row r, group g), kernels.cslt_meta: the row's part here, the group's below
+    nib_r = (rows // 64) * 16 * K + (rows // 16 % 4) * 128 + (rows % 8) * 16
+    shift = (rows // 8 % 2) * 4  # the nibble's bits in its byte (rows r and r + 8 share a byte)
+    c4 = tl.arange(0, 4)
+    acc = tl.full([BLOCK_R, BLOCK_T], 0.0, dtype=tl.float32)  # not tl.zeros: a @triton.jit function
+    for chunk in range(K_CHUNKS):  # constexpr trip count (runtime bounds trip up the interpreter)
+        g = chunk * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)  # the chunk's groups of 4
+        mg = g < K // 4
+        kept = chunk * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        v = tl.load(values_ptr + rows[:, None] * (K // 2) + kept[None, :],
+                    mask=mr[:, None] & (kept < K // 2)[None, :], other=0)
+        v0, v1 = tl.split(tl.reshape(v, [BLOCK_R, BLOCK_K // 4, 2]))
+        nib = nib_r[:, None] + ((g // 8) * 512 + (g % 4) * 4 + (g // 4 % 2) * 2)[None, :]
+        byte = tl.load(meta_ptr + nib // 2, mask=mr[:, None] & mg[None, :], other=0).to(tl.int32)
+        pos = (byte >> shift[:, None]) & 15
+        p0 = (pos & 3)[:, :, None]
+        p1 = (pos >> 2)[:, :, None]
+        w = tl.where(c4[None, None, :] == p0, v0[:, :, None], tl.where(c4[None, None, :] == p1, v1[:, :, None], 0))
+        w = tl.reshape(w, [BLOCK_R, BLOCK_K])  # columns 4g .. 4g+3 of each group in order
+        cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + toks[:, None] * sx + cols[None, :], mask=mt[:, None] & (cols < K)[None, :], other=0)
+        if IEEE:  # the interpreter's tl.dot multiplies bf16 bit patterns as integers: the same math in fp32
+            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+        else:  # fp16 x fp16 or bf16 x bf16 on tensor cores: exact products, fp32 sums
+            acc = tl.dot(w, tl.trans(x), acc)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rows, mask=mr, other=0).to(tl.float32)[:, None]
+    tl.store(y_ptr + toks[None, :] * sy + rows[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=mr[:, None] & mt[None, :])
+
+
+_KERNEL = DualKernel(_skinny_kernel)
+
+
+def _regions(packed: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept values ``(rows, cols/2)`` and the metadata bytes of a compressed operand (views)."""
+    rows = packed.shape[0]
+    flat = packed.reshape(-1)
+    return flat[: rows * cols // 2].view(rows, cols // 2), flat[rows * cols // 2:].view(torch.uint8)
+
+
+def _check(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None) -> None:
+    what = "skinny_sparse_mm"
+    check_2d(what, "x2d", x2d, dtypes=_DTYPES)
+    check_2d(what, "packed", packed, dtypes=(x2d.dtype,))
+    rows, cols = packed.shape[0], x2d.shape[1]
+    cslt_meta.check_shape(what, rows, cols)
+    if packed.shape[1] != cols // 2 + cols // 16 or not packed.is_contiguous():
+        raise ValueError(f"{what}: packed must be the contiguous compressed form of a ({rows}, {cols}) operand, "
+                         f"shape ({rows}, {cols // 2 + cols // 16}); got {tuple(packed.shape)} "
+                         f"(x2d has {cols} columns: the operand's)")
+    if x2d.stride(1) != 1:
+        raise ValueError(f"{what}: x2d's rows must be contiguous runs (call .contiguous() first)")
+    if bias is not None and (bias.shape != (rows,) or bias.dtype != x2d.dtype or not bias.is_contiguous()):
+        raise ValueError(f"{what}: bias must be a contiguous ({rows},) tensor of x2d's dtype {x2d.dtype}")
+    check_same_device(what, x2d, packed=packed, bias=bias)
+
+
+def skinny_sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     config: dict[str, int] | None = None) -> torch.Tensor:
+    """``x2d @ Aᵀ (+ bias)`` ``(tokens, rows)`` for ``packed``, the compressed ``A`` ``(rows, cols)`` 2:4 along
+    ``cols`` as ``torch._cslt_compress`` writes it (:mod:`kernels.cslt_meta`: both dims multiples of 64).
+
+    ``x2d`` ``(tokens, cols)`` fp16/bf16 with unit column stride; ``bias`` ``(rows,)`` of its dtype.
+    Any token count runs; the kernel is built for few (up to :data:`MAX_TOKENS`). CPU tensors
+    run through the Triton interpreter (tests: bf16 products in fp32 there, the rounding
+    truncates). ``config`` overrides :data:`CONFIG`.
+    """
+    _check(packed, x2d, bias)
+    tokens, cols = x2d.shape
+    rows = packed.shape[0]
+    y = torch.empty(tokens, rows, dtype=x2d.dtype, device=x2d.device)
+    if tokens == 0:
+        return y
+    cfg = {**CONFIG, **(config or {})}
+    block_t = min(MAX_TOKENS, max(16, next_power_of_2(tokens)))
+    values, meta = _regions(packed, cols)
+    ieee = x2d.dtype == torch.bfloat16 and _KERNEL.is_interpreted(x2d.device)
+    grid = (cdiv(rows, cfg["BLOCK_R"]), cdiv(tokens, block_t))
+    _KERNEL.launch(x2d.device, grid, values, meta, x2d, bias if bias is not None else x2d, y,
+                   tokens, rows, cols, x2d.stride(0), y.stride(0),
+                   HAS_BIAS=bias is not None, IEEE=ieee, K_CHUNKS=cdiv(cols, cfg["BLOCK_K"]), BLOCK_T=block_t, **cfg)
+    return y
+
+
+def skinny_sparse_mm_reference(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None = None
+                               ) -> torch.Tensor:
+    """Pure-torch :func:`skinny_sparse_mm`: the operand decompressed, the product and bias in fp32, rounded once."""
+    _check(packed, x2d, bias)
+    y = x2d.float() @ cslt_meta.decompress_reference(packed, x2d.shape[1]).float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2d.dtype)

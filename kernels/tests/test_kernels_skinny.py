@@ -1,0 +1,61 @@
+"""kernels.skinny_sparse_mm: few-token products on cuSPARSELt's compressed operand, against the reference."""
+import pytest
+import torch
+
+from dsparse import nm
+from kernels import skinny_sparse_mm, skinny_sparse_mm_reference
+from kernels._testing import random_kept
+from kernels.cslt_meta import compress_reference
+
+
+def _operand(rows, cols, dtype, device, mode="randn", seed=0):
+    values, idx = random_kept(rows, cols, dtype, "cpu", mode, seed)
+    return compress_reference(values, idx).to(device), nm.scatter_kept(values, idx, 2, 4).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, cols, tokens", [(64, 64, 1), (128, 320, 8), (192, 256, 16), (64, 128, 37)])
+def test_matches_the_dense_product_in_fp32(rows, cols, tokens, dtype, device):
+    packed, dense = _operand(rows, cols, dtype, device, seed=rows + tokens)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, cols, generator=gen).to(dtype).to(device)
+    bias = torch.randn(rows, generator=gen).to(dtype).to(device)
+    if device == "cuda":  # what cuSPARSELt itself writes
+        assert torch.equal(packed.view(torch.uint8), torch._cslt_compress(dense).view(torch.uint8))
+    for b in (None, bias):
+        got = skinny_sparse_mm(packed, x, b)
+        want = x.float() @ dense.float().t() + (0 if b is None else b.float())
+        assert got.shape == (tokens, rows) and got.dtype == dtype
+        # one rounding of an fp32 sum (the interpreter truncates bf16: 2 ulps)
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -6, atol=1e-2)
+        torch.testing.assert_close(got, skinny_sparse_mm_reference(packed, x, b), rtol=2 ** -6, atol=1e-2)
+
+
+def test_reads_rows_at_their_stride_and_any_token_count(device):
+    packed, dense = _operand(128, 192, torch.float16, device, mode="ties")
+    wide = torch.randn(150, 256).half().to(device)
+    x = wide[:, :192]  # rows 256 apart; more tokens than one tile
+    got = skinny_sparse_mm(packed, x, config={"BLOCK_R": 32, "BLOCK_K": 64})
+    torch.testing.assert_close(got.float(), x.float() @ dense.float().t(), rtol=2 ** -9, atol=1e-2)
+
+
+def test_a_group_of_zeros_reads_as_zeros_and_no_tokens_gives_an_empty_result(device):
+    packed, _ = _operand(64, 64, torch.bfloat16, device, mode="zeros")
+    x = torch.randn(3, 64).bfloat16().to(device)
+    assert torch.equal(skinny_sparse_mm(packed, x), torch.zeros(3, 64, dtype=torch.bfloat16, device=device))
+    assert skinny_sparse_mm(packed, x[:0]).shape == (0, 64)
+
+
+def test_bad_operands_are_refused_with_the_fix():
+    packed, _ = _operand(64, 128, torch.float16, "cpu")
+    x = torch.randn(4, 128).half()
+    with pytest.raises(ValueError, match="compressed form of a \\(64, 128\\) operand"):
+        skinny_sparse_mm(packed[:, :-1], x)
+    with pytest.raises(TypeError, match="fp32|float32"):
+        skinny_sparse_mm(packed, x.float())
+    with pytest.raises(ValueError, match="multiples of 64"):
+        skinny_sparse_mm(packed[:32], x)
+    with pytest.raises(ValueError, match="bias"):
+        skinny_sparse_mm(packed, x, torch.zeros(32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="contiguous"):
+        skinny_sparse_mm(packed, x.t().contiguous().t())
