@@ -107,6 +107,26 @@ def kernel_breakdown(prof: Any, steps: int, top: int = 25) -> dict[str, Any]:
                          if e.device_type() == DeviceType.CUDA and e.duration_ns() > 0], steps)}
 
 
+def host_profile(step: Any, steps: int, top: int = 40) -> dict[str, Any]:
+    """Where the host's time goes: ``steps`` calls of ``step`` under cProfile (after the timing, which it
+    would slow), the ``top`` functions by own time, in ms per step (own and cumulative) and calls per step."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    profiler.disable()
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
+    return {"steps": steps, "functions": [
+        {"function": f"{os.path.basename(file)}:{line}({name})", "calls": calls / steps,
+         "own_ms": 1e3 * own / steps, "cumulative_ms": 1e3 * cumulative / steps}
+        for (file, line, name), (_, calls, own, cumulative, _) in rows]}
+
+
 def idle_gaps(spans: list[tuple[int, int, str]], steps: int, top: int = 12, min_us: float = 5.0) -> dict[str, Any]:
     """Where the GPU sits idle between the first and last of ``spans`` (start ns, end ns, kernel name):
     the idle milliseconds per step, and the gaps of at least ``min_us`` grouped by the kernel that ends

@@ -13,7 +13,8 @@ unless ``--projections off``.
     python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 16
 
 ``--profile`` adds each model's prefill GPU time by kernel category (torch.profiler, after the
-timing): how much of a prefill the sparse GEMMs can shorten at all, and what adapters add.
+timing): how much of a prefill the sparse GEMMs can shorten at all, and what adapters add; and a
+decoding step taken apart (:func:`profile_decode`: wall, GPU busy and idle time, host time by function).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import tempfile
 
 import torch
 
-from bench.common import gpu_tag, kernel_breakdown, time_ms, write_result
+from bench.common import gpu_tag, host_profile, kernel_breakdown, time_ms, write_result
 from dsparse import fuse_model, fuse_projections, fused_counts, sparse_modules, sparsify
 from dsparse.export import export_model, load_for_inference
 from dsparse.models import build_model
@@ -62,7 +63,29 @@ def measure(model, args, device) -> dict:
             model(input_ids=ids)
             torch.cuda.synchronize()
         result["prefill_profile"] = kernel_breakdown(prof, 1)
+        result["decode_profile"] = profile_decode(model, short)
     return result
+
+
+@torch.no_grad()
+def profile_decode(model, prompt: torch.Tensor, steps: int = 8) -> dict:
+    """One decoding step (a token per sequence on the prompt's KV cache) taken apart: its wall time
+    (synchronized), the GPU's busy time and idle gaps by kernel (torch.profiler), and the host's time by
+    function (cProfile). Wall near GPU busy: GPU-bound; wall far above it: the host's time is the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model(input_ids=prompt, use_cache=True).past_key_values
+    token = prompt[:, -1:]
+
+    def step() -> None:  # the cache grows by a token a step, as in generation
+        model(input_ids=token, past_key_values=cache, use_cache=True)
+
+    step_ms = time_ms(step, warmup=2, iters=steps, inner=1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return {"step_ms": step_ms, **kernel_breakdown(prof, steps), "host": host_profile(step, steps, top=30)}
 
 
 def _write(results: dict, args: argparse.Namespace) -> None:
@@ -94,7 +117,7 @@ def main() -> None:
     parser.add_argument("--fold", default="on", choices=["on", "off", "on,off"],
                         help="adapters folded into the sparse forward operand (on), multiply-added onto its output "
                              "(off: rows named *_added), or each in turn from one export (on,off)")
-    parser.add_argument("--profile", action="store_true", help="also one prefill per model under torch.profiler")
+    parser.add_argument("--profile", action="store_true", help="also one prefill and a decoding step per model under torch.profiler, the step under cProfile")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.profile and not args.device.startswith("cuda"):

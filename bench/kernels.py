@@ -11,6 +11,10 @@
 * ``mvue_compress_swiglu`` (SwiGLU's backward writing the gate/up weight gradient's MVUE
   ``S(dYᵀ)`` in its own pass) against ``silu_mul_backward`` then ``mvue_compress``, results
   checked bit for bit, with the MVUE tile sweep;
+* ``skinny_sparse_mm`` (a decoding step's few-token product straight from the compressed
+  operand) vs the dense GEMM on the decompressed weight (cuBLAS), with a sweep of tile
+  configs, at llama-1b's decode shapes (cuSPARSELt's algorithms at those token counts:
+  ``bench.tune --tokens 8``);
 * the fused RMSNorm and SwiGLU gate (:mod:`dsparse.nn.fused`) vs HF's ``LlamaRMSNorm`` and
   ``silu(g) * u``, forward + backward through autograd (eager, so autograd's host time counts
   too; the step profiles of ``bench.step --profile`` give the kernels' own GPU time), at
@@ -26,6 +30,7 @@ written once.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -38,6 +43,7 @@ from kernels import lowrank as lowrank_mod
 from kernels import mvue as mvue_mod
 from kernels import masks as masks_mod
 from kernels import refresh as refresh_mod
+from kernels import skinny as skinny_mod
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 REFRESH_CONFIGS = [
@@ -69,6 +75,14 @@ MVUE_CONFIGS = [
     {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 8},
     {"BLOCK_C": 64, "BLOCK_P": 16, "num_warps": 2},
     {"BLOCK_C": 64, "BLOCK_P": 64, "num_warps": 8},
+]
+SKINNY_CONFIGS = [
+    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},  # kernels.skinny.CONFIG
+    {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_R": 16, "BLOCK_K": 64, "num_warps": 2, "num_stages": 4},
+    {"BLOCK_R": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_R": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_R": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
 ]
 LOWRANK_CONFIGS = [
     {"BLOCK_T": 128, "BLOCK_N": 128, "num_warps": 8},
@@ -239,6 +253,36 @@ def bench_mvue(tokens: int, out_f: int, dtype, device, timer, sweep: bool) -> di
             "best_ms": best["ms"], "best_gbps": best["gbps"], "sweep": timings}
 
 
+def bench_skinny(tokens: int, in_f: int, out_f: int, dtype, device, timer, sweep: bool) -> dict:
+    """``skinny_sparse_mm`` of ``(tokens, in)`` on a compressed ``(out, in)`` operand (checked against its
+    reference) vs ``F.linear`` on the decompressed weight, timed by ``timer`` (CUDA graph replays: at a few
+    microseconds a call, eager times would be launch latency); GB/s counts operand, input and output once."""
+    from kernels import skinny_sparse_mm, skinny_sparse_mm_reference
+    from kernels.cslt_meta import compress_reference, decompress_reference
+
+    gen = torch.Generator(device=device).manual_seed(4)
+    w = torch.randn(out_f, in_f, generator=gen, device=device).to(dtype)
+    idx = nm.kept_positions(nm.nm_mask(w.abs().float(), 2, 4), 2, 4)
+    packed = compress_reference(nm.gather_kept(w, idx, 4), idx)
+    dense = decompress_reference(packed, in_f)
+    x = torch.randn(tokens, in_f, generator=gen, device=device).to(dtype)
+    y = skinny_sparse_mm(packed, x)
+    err = ((y.float() - skinny_sparse_mm_reference(packed, x).float()).norm() / y.float().norm()).item()
+    assert err < 1e-2, f"skinny_sparse_mm differs from its reference: relative error {err:.3g}"
+    moved = _nbytes(packed, x, y)
+    timings = []
+    for cfg in (SKINNY_CONFIGS if sweep else [skinny_mod.CONFIG]):
+        ms = timer(lambda: skinny_sparse_mm(packed, x, config=cfg))
+        timings.append({"config": cfg, "ms": ms, "gbps": _gbps(moved, ms)})
+    dense_ms = timer(lambda: torch.nn.functional.linear(x, dense))
+    default = next(t for t in timings if t["config"] == skinny_mod.CONFIG) if sweep else timings[0]
+    best = _best(timings)
+    return {"tokens": tokens, "in": in_f, "out": out_f, "kernel_ms": default["ms"], "kernel_gbps": default["gbps"],
+            "dense_ms": dense_ms, "dense_gbps": _gbps(_nbytes(dense, x, y), dense_ms),
+            "speedup": dense_ms / default["ms"], "best_config": best["config"], "best_ms": best["ms"],
+            "best_speedup": dense_ms / best["ms"], "sweep": timings}
+
+
 def bench_swiglu_mvue(tokens: int, inter: int, dtype, device, timer, sweep: bool) -> dict:
     """SwiGLU's backward with the gate/up MVUE ``S(dYᵀ)`` in one pass vs the two kernels it replaces
     (``silu_mul_backward`` into ``[dg | du]``, then ``mvue_compress`` of that), checked bit for bit."""
@@ -330,6 +374,8 @@ def main() -> None:
     parser.add_argument("--lowrank", default="8192,4096,64", help="tokens,out,r")
     parser.add_argument("--fused", default="16384,2048,5632", help="tokens,hidden,intermediate of the fused blocks")
     parser.add_argument("--mvue", default="16384x5632,16384x2048", help="tokens x out of mvue_compress, comma-separated")
+    parser.add_argument("--skinny", default="8x2048x2560,8x2048x2048,8x2048x11264,8x5632x2048,16x4096x4096",
+                        help="tokens x in x out of skinny_sparse_mm (llama-1b's decode products), comma-separated")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tile configs only")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU through the Triton interpreter (checks the script, times nothing)")
@@ -342,7 +388,7 @@ def main() -> None:
     if args.dry_run:
         device, timer, sweep = "cpu", _wall_ms, not args.no_sweep
         shapes, (tokens, lr_out, rank), fused_shape = [(64, 48)], (32, 48, 8), (64, 64, 128)
-        args.mvue = "64x64"
+        args.mvue, args.skinny = "64x64", "5x128x64"
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench.kernels needs a CUDA GPU (or --dry-run to check the script on the CPU)")
@@ -378,14 +424,23 @@ def main() -> None:
     print(f"mvue_compress_swiglu T={fused_shape[0]} I={fused_shape[2]} {args.dtype}: {sm['kernel_ms']:.3f} ms "
           f"({sm['kernel_gbps']:.0f} GB/s) vs silu_mul_backward + mvue_compress {sm['two_kernels_ms']:.3f} ms = "
           f"{sm['speedup']:.2f}x; best {sm['best_config']} {sm['best_ms']:.3f} ms", flush=True)
+    skinny = []
+    kernel_timer = functools.partial(timer, graph=True)  # microseconds of GPU work: the kernels alone
+    for shape in args.skinny.split(","):
+        skinny.append({"dtype": args.dtype,
+                       **bench_skinny(*(int(v) for v in shape.split("x")), dtype, device, kernel_timer, sweep)})
+        k = skinny[-1]
+        print(f"skinny_sparse_mm {shape} {args.dtype}: {k['kernel_ms'] * 1e3:.1f} us ({k['kernel_gbps']:.0f} GB/s) vs "
+              f"dense {k['dense_ms'] * 1e3:.1f} us ({k['dense_gbps']:.0f} GB/s) = {k['speedup']:.2f}x; best "
+              f"{k['best_config']} {k['best_ms'] * 1e3:.1f} us = {k['best_speedup']:.2f}x", flush=True)
     fused = {"dtype": args.dtype, **bench_fused(*fused_shape, dtype, device, timer)}
     print(f"fused fwd+bwd {fused_shape}: RMSNorm {fused['rms_norm_fused_ms']:.3f} vs HF {fused['rms_norm_hf_ms']:.3f} ms "
           f"= {fused['rms_norm_speedup']:.1f}x | SwiGLU gate {fused['swiglu_fused_ms']:.3f} vs "
           f"{fused['swiglu_hf_ms']:.3f} ms = {fused['swiglu_speedup']:.1f}x | RoPE {fused['rope_fused_ms']:.3f} vs "
           f"{fused['rope_hf_ms']:.3f} ms = {fused['rope_speedup']:.1f}x", flush=True)
-    payload = {"refresh": rows, "lowrank": lr, "mvue": mvue, "swiglu_mvue": sm, "fused": fused,
+    payload = {"refresh": rows, "lowrank": lr, "mvue": mvue, "swiglu_mvue": sm, "skinny": skinny, "fused": fused,
                "defaults": {"refresh": refresh_mod.CONFIG, "mask": masks_mod.CONFIG, "lowrank": lowrank_mod.CONFIG,
-                            "mvue": mvue_mod.CONFIG}}
+                            "mvue": mvue_mod.CONFIG, "skinny": skinny_mod.CONFIG}}
     if args.dry_run:
         print("dry run: nothing written")
         return

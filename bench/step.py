@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import dsparse
-    from bench.common import environment
+    from bench.common import environment, host_profile
     from dsparse.models import build_model
 
     deepspeed.init_distributed()
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
                 step()
             torch.cuda.synchronize()
         profile = kernel_breakdown(prof, args.profile)
-    host_profile = _host_profile(step, args.host_profile) if args.host_profile else None
+    host_times = host_profile(step, args.host_profile) if args.host_profile else None
     tokens = args.micro_batch_size * args.seq_len * dist.get_world_size()
     result = {"mode": args.mode, "mvue_dw": args.mvue_dw and args.mode != "dense", "grad_ckpt": args.grad_ckpt, "fused": args.fusion != "off",
               "fused_blocks": dsparse.fused_counts(engine.module), "overlap_comm": args.overlap_comm == "on",
@@ -142,8 +142,8 @@ def run(args: argparse.Namespace) -> None:
               "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     if profile is not None:
         result["gpu_profile"] = profile
-    if host_profile is not None:
-        result["host_profile"] = host_profile
+    if host_times is not None:
+        result["host_profile"] = host_times
     if dist.get_rank() == 0:
         result["environment"] = environment()
         with open(args.out, "w") as f:
@@ -151,27 +151,6 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.mode}: {step_s * 1e3:.1f} ms/step ({back_to_back_s * 1e3:.1f} back to back), "
               f"{tokens / step_s:.0f} tokens/s, "
               f"peak {result['peak_memory_gib']:.2f} GiB", flush=True)
-
-
-def _host_profile(step, steps: int, top: int = 40) -> dict:
-    """Where the host's time goes: ``steps`` steps under cProfile (after the timing, which it would
-    slow), the ``top`` functions by own time, in ms per step (own and cumulative) and calls per step."""
-    import cProfile
-    import pstats
-
-    import torch
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    profiler.disable()
-    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
-    return {"steps": steps, "functions": [
-        {"function": f"{os.path.basename(file)}:{line}({name})", "calls": calls / steps,
-         "own_ms": 1e3 * own / steps, "cumulative_ms": 1e3 * cumulative / steps}
-        for (file, line, name), (_, calls, own, cumulative, _) in rows]}
 
 
 def _label(row: dict) -> str:

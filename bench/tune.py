@@ -31,8 +31,12 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
-def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str], path: str) -> list[dict]:
-    """Tune the sparse products of every linear shape; installs the winning plans and saves them to ``path``."""
+ROLES = ("fwd", "dx", "dw_mvue")
+
+
+def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str], path: str,
+         roles: tuple[str, ...] = ROLES) -> list[dict]:
+    """Tune the ``roles`` products of every linear shape; installs the winning plans and saves them to ``path``."""
     table = []
     for in_f, out_f in shapes:
         for tokens in tokens_list:
@@ -40,6 +44,8 @@ def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str
                 dtype = DTYPES[dname]
                 # forward: W (out, in) @ Xᵀ ; input gradient: W̃ᵀ (in, out) @ dYᵀ ; MVUE dW: S(dYᵀ) (out, T) @ X
                 for role, rows, k in (("fwd", out_f, in_f), ("dx", in_f, out_f), ("dw_mvue", in_f, out_f)):
+                    if role not in roles:
+                        continue
                     start = time.perf_counter()
                     plan, timings = (tune_mvue_dw(k, rows, tokens, dtype, graph=True) if role == "dw_mvue"
                                      else tune_product(rows, k, tokens, dtype, graph=True))
@@ -65,14 +71,20 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096,8192x8192", help="in x out, comma-separated")
     parser.add_argument("--tokens", default="4096,8192,16384", help="token counts, comma-separated")
     parser.add_argument("--dtypes", default="bf16,fp16", help="bf16 and/or fp16")
+    parser.add_argument("--roles", default=",".join(ROLES), help="products to tune: fwd, dx and/or dw_mvue")
     parser.add_argument("--plans", default=None, help="plan cache to write (default: dsparse's per-GPU cache path)")
+    parser.add_argument("--out", default=None, help="timings JSON (default bench/results/tune_<gpu>.json)")
     args = parser.parse_args()
+    roles = tuple(args.roles.split(","))
+    if set(roles) - set(ROLES):
+        parser.error(f"--roles: unknown {sorted(set(roles) - set(ROLES))}; choose from {', '.join(ROLES)}")
     path = args.plans or plans.default_cache_path()
     if os.path.exists(path):  # keep the plans of shapes not tuned in this run
         plans.load_plans(path)
-    table = tune(parse_shapes(args.shapes), [int(t) for t in args.tokens.split(",")], args.dtypes.split(","), path)
+    table = tune(parse_shapes(args.shapes), [int(t) for t in args.tokens.split(",")], args.dtypes.split(","), path,
+                 roles)
     print(f"saved {path}")
-    write_result(f"bench/results/tune_{gpu_tag()}.json", {"products": table})
+    write_result(args.out or f"bench/results/tune_{gpu_tag()}.json", {"products": table})
 
 
 if __name__ == "__main__":
