@@ -156,7 +156,7 @@ class ProjectionGroup(_Siblings, SparseProduct):
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         if self._fold is not None:
-            return self._folded_forward(x, self._biases())
+            return self._frozen_forward(x, self._biases())
         y = self.product(x)
         if self.adds_adapters:
             a, b, scale = self.adapter_operands()

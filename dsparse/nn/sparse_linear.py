@@ -415,7 +415,7 @@ class SparseLinear(SparseProduct, nn.Module):
             if group.adds_adapters:  # the group's product includes this layer's adapter
                 return y
         elif self._fold is not None:  # frozen, the adapter inside the forward operand
-            return self._folded_forward(x, self.bias)
+            return self._frozen_forward(x, self.bias)
         else:
             y = sparse_product(x, self.bias, self, self._params())
         if self.adapter_is_active:

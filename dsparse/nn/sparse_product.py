@@ -199,18 +199,24 @@ class SparseProduct:
                 for layer in filter(None, layers):
                     layer.release_adapter()
 
-    def _folded_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x Wᵀ + bias`` plus the folded adapters, as one GEMM over the wide input (inference)."""
+    def _frozen_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x Wᵀ + bias`` (plus the folded adapters: one GEMM over the wide input) on the frozen operand,
+        outside autograd: a frozen product has no gradients, and an autograd Function's bookkeeping is a
+        good part of a decoding step's host time per product."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                y = self._frozen_forward(x, bias)
+            return _InferenceOnly.apply(y, x) if x.requires_grad else y
         backend, ops = self._inference
-        with torch.no_grad():
-            x2d = x.reshape(-1, x.shape[-1])
-            y = backend.linear(ops, self._fold.wide_input(x2d), bias)
-            y = y.reshape(*x.shape[:-1], y.shape[-1])
-        return _InferenceOnly.apply(y, x) if torch.is_grad_enabled() and x.requires_grad else y
+        x2d = x.reshape(-1, x.shape[-1])
+        if self._fold is not None:
+            x2d = self._fold.wide_input(x2d)
+        y = backend.linear(ops, x2d, bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class _InferenceOnly(torch.autograd.Function):
-    """Marks a frozen product's output: a backward through it fails, as through an unfolded frozen product."""
+    """Marks a frozen product's output where its input requires gradients: a backward through it fails."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -218,8 +224,8 @@ class _InferenceOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        raise RuntimeError("this sparse product was prepared for inference only (its adapters are folded into "
-                           "its forward operand): it has no gradients")
+        raise RuntimeError("this sparse product was prepared for inference only (prepare_inference / "
+                           "load_for_inference): it has no gradients")
 
 
 class _SparseProductFunction(torch.autograd.Function):
@@ -264,5 +270,8 @@ class _SparseProductFunction(torch.autograd.Function):
 def sparse_product(x: torch.Tensor, bias: torch.Tensor | None, product: SparseProduct,
                    params: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """``x @ Wᵀ + bias`` for ``product``'s weight, differentiable in ``x``, ``bias`` and ``params``
-    (the parameters the weight's values live in, which get the kept-entry gradients)."""
+    (the parameters the weight's values live in, which get the kept-entry gradients); a product frozen
+    for inference runs without autograd."""
+    if product._inference is not None:
+        return product._frozen_forward(x, bias)
     return _SparseProductFunction.apply(x, bias, product, *params)
