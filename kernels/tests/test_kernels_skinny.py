@@ -21,7 +21,7 @@ def test_matches_the_dense_product_in_fp32(rows, cols, tokens, dtype, device):
     x = torch.randn(tokens, cols, generator=gen).to(dtype).to(device)
     bias = torch.randn(rows, generator=gen).to(dtype).to(device)
     if device == "cuda":  # what cuSPARSELt itself writes
-        assert torch.equal(packed.view(torch.uint8), torch._cslt_compress(dense).view(torch.uint8))
+        assert torch.equal(packed.reshape(-1).view(torch.uint8), torch._cslt_compress(dense).reshape(-1).view(torch.uint8))
     for b in (None, bias):
         got = skinny_sparse_mm(packed, x, b)
         want = x.float() @ dense.float().t() + (0 if b is None else b.float())
