@@ -8,7 +8,9 @@ group of 4). cuSPARSELt's kernels are tiled for many tokens; this one is tiled f
 Each program takes ``BLOCK_R`` rows of ``A`` and up to ``BLOCK_T`` tokens, walks ``k`` in
 chunks of ``BLOCK_K``, rebuilds each chunk's dense tile in registers from the kept values
 and their positions, and multiplies it on tensor cores (fp32 accumulation; the bias is
-added in fp32 and the result rounded once, as cuSPARSELt does). The per-shape plans
+added in fp32 and the result rounded once, as cuSPARSELt does). The metadata is read as
+whole 8-byte words (a row's nibbles for 8 groups), so every load in the loop is a
+contiguous run that Triton pipelines (``cp.async``), none a byte gather. The per-shape plans
 (:mod:`dsparse.backends.plans`) choose it over cuSPARSELt's algorithms where it measures
 faster; it needs no other operand, so a frozen inference model, which keeps only the
 compressed one, can take it too.
@@ -35,21 +37,23 @@ def _skinny_kernel(values_ptr, meta_ptr, x_ptr, bias_ptr, y_ptr, T, R, K, sx, sy
     toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     mt = toks < T
     mr = rows < R
-    # the metadata nibble of (row r, group g), kernels.cslt_meta: the row's part here, the group's below
-    nib_r = (rows // 64) * 16 * K + (rows // 16 % 4) * 128 + (rows % 8) * 16
-    shift = (rows // 8 % 2) * 4  # the nibble's bits in its byte (rows r and r + 8 share a byte)
+    # kernels.cslt_meta's layout: a row's nibbles for 8 groups (8g' .. 8g'+7) fill one 8-byte word, the
+    # groups at bytes (g % 4) * 2 + g // 4 % 2, rows r and r + 8 in the low and high nibbles; the word of
+    # (row r, groups 8g' ..) is int64 number (r // 64) * K + (r // 16 % 4) * 8 + r % 8 + 32 g'
+    word_r = (rows // 64) * K + (rows // 16 % 4) * 8 + rows % 8
+    j = tl.arange(0, 8)  # group 8g' + j
+    shift = ((j % 4) * 2 + j // 4)[None, None, :] * 8 + ((rows // 8 % 2) * 4)[:, None, None]
     c4 = tl.arange(0, 4)
     acc = tl.full([BLOCK_R, BLOCK_T], 0.0, dtype=tl.float32)  # not tl.zeros: a @triton.jit function
     for chunk in range(K_CHUNKS):  # constexpr trip count (runtime bounds trip up the interpreter)
-        g = chunk * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)  # the chunk's groups of 4
-        mg = g < K // 4
         kept = chunk * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         v = tl.load(values_ptr + rows[:, None] * (K // 2) + kept[None, :],
                     mask=mr[:, None] & (kept < K // 2)[None, :], other=0)
         v0, v1 = tl.split(tl.reshape(v, [BLOCK_R, BLOCK_K // 4, 2]))
-        nib = nib_r[:, None] + ((g // 8) * 512 + (g % 4) * 4 + (g // 4 % 2) * 2)[None, :]
-        byte = tl.load(meta_ptr + nib // 2, mask=mr[:, None] & mg[None, :], other=0).to(tl.int32)
-        pos = (byte >> shift[:, None]) & 15
+        blocks = chunk * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)  # the chunk's blocks of 8 groups
+        words = tl.load(meta_ptr + word_r[:, None] + blocks[None, :] * 32,
+                        mask=mr[:, None] & (blocks < K // 32)[None, :], other=0)
+        pos = tl.reshape((words[:, :, None] >> shift) & 15, [BLOCK_R, BLOCK_K // 4])  # (row, group) nibbles
         p0 = (pos & 3)[:, :, None]
         p1 = (pos >> 2)[:, :, None]
         w = tl.where(c4[None, None, :] == p0, v0[:, :, None], tl.where(c4[None, None, :] == p1, v1[:, :, None], 0))
@@ -70,10 +74,10 @@ _KERNEL = DualKernel(_skinny_kernel)
 
 
 def _regions(packed: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept values ``(rows, cols/2)`` and the metadata bytes of a compressed operand (views)."""
+    """The kept values ``(rows, cols/2)`` and the metadata, as 8-byte words, of a compressed operand (views)."""
     rows = packed.shape[0]
     flat = packed.reshape(-1)
-    return flat[: rows * cols // 2].view(rows, cols // 2), flat[rows * cols // 2:].view(torch.uint8)
+    return flat[: rows * cols // 2].view(rows, cols // 2), flat[rows * cols // 2:].view(torch.int64)
 
 
 def _check(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -110,6 +114,9 @@ def skinny_sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor
     if tokens == 0:
         return y
     cfg = {**CONFIG, **(config or {})}
+    if cfg["BLOCK_K"] % 32 or cfg["BLOCK_R"] < 16:
+        raise ValueError(f"skinny_sparse_mm: config needs BLOCK_K a multiple of 32 (whole metadata words) and "
+                         f"BLOCK_R >= 16 (tensor-core tiles), got {cfg}")
     block_t = min(MAX_TOKENS, max(16, next_power_of_2(tokens)))
     values, meta = _regions(packed, cols)
     ieee = x2d.dtype == torch.bfloat16 and _KERNEL.is_interpreted(x2d.device)

@@ -59,3 +59,5 @@ def test_bad_operands_are_refused_with_the_fix():
         skinny_sparse_mm(packed, x, torch.zeros(32, dtype=torch.float16))
     with pytest.raises(ValueError, match="contiguous"):
         skinny_sparse_mm(packed, x.t().contiguous().t())
+    with pytest.raises(ValueError, match="multiple of 32"):
+        skinny_sparse_mm(packed, x, config={"BLOCK_K": 48})
