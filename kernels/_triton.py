@@ -11,7 +11,7 @@ On CUDA, :class:`DualKernel` also shortens the launch: after the first launch of
 specialization (the argument dtypes, pointer alignments and integer classes Triton
 specializes on, and the constexprs) it calls the compiled kernel's launcher directly,
 skipping Triton's per-call binding and cache lookup (tens of microseconds of host time per
-launch; a training step launches hundreds).
+launch; a training step launches hundreds), and Triton's launch hooks where none is set.
 
 Kernels wrapped this way must not call other ``@triton.jit`` functions (those would be
 bound to one mode only, and ``tl.sum``, ``tl.sigmoid`` and the like are such functions);
@@ -87,32 +87,46 @@ class DualKernel:
             return
         current = torch.cuda.current_device()
         index = device.index if device.index is not None else current
-        key = (index, *map(_specialization, args), *kwargs.items())
-        compiled = self._compiled.get(key)
-        if compiled is not None and current == index:  # as triton's JITFunction.run launches
-            values = (*args, *(kwargs[name] for name in fn.arg_names[len(args):]))  # every parameter, in order
+        key = _launch_key(index, args, kwargs)
+        hit = self._compiled.get(key)
+        if hit is not None and current == index:  # as triton's JITFunction.run launches
+            compiled, names = hit
+            values = (*args, *map(kwargs.__getitem__, names))  # every parameter, in order
             gx, gy, gz = (*grid, 1, 1)[:3]
             stream = torch._C._cuda_getCurrentRawStream(index)
-            enter_hook = knobs.runtime.launch_enter_hook  # launch metadata is only for such hooks
+            enter_hook, exit_hook = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
             metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *values)
             compiled.run(gx, gy, gz, stream, compiled.function, compiled.packed_metadata, metadata,
-                         enter_hook, knobs.runtime.launch_exit_hook, *values)
+                         enter_hook, exit_hook, *values)
             return
         with device_guard(device):
-            self._compiled[key] = fn[tuple(grid)](*args, **kwargs)
+            self._compiled[key] = (fn[tuple(grid)](*args, **kwargs), tuple(fn.arg_names[len(args):]))
 
 
-def _specialization(arg: Any) -> Any:
-    """What Triton compiles a kernel argument for: a tensor's dtype and 16-byte alignment, an
-    integer's width class and whether it is 1 or a multiple of 16, a float's type."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool) or arg is None:
-        return arg
-    if isinstance(arg, int):
-        width = 32 if -(2**31) <= arg < 2**31 else 64 if -(2**63) <= arg < 2**63 else 65
-        return width, arg == 1, arg % 16 == 0
-    return type(arg)
+def _launch_key(index: int, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """What Triton compiles a launch for, with the device: each tensor's dtype and 16-byte alignment,
+    each integer's width class and whether it is 1 or a multiple of 16, a float's type, and the
+    constexprs. One loop, not a call per argument: a training step launches hundreds of kernels."""
+    key: list = [index]
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif type(arg) is int:
+            width = 32 if -0x80000000 <= arg < 0x80000000 else 64 if -(1 << 63) <= arg < 1 << 63 else 65
+            key.append((width, arg == 1, arg % 16 == 0))
+        elif arg is None or type(arg) is bool:
+            key.append(arg)
+        else:
+            key.append(type(arg))
+    key.extend(kwargs.items())
+    return tuple(key)
+
+
+def _hook(hook: Any) -> Any:
+    """A Triton launch hook, or None when it calls nothing: Triton 3.6 keeps an empty ``HookChain``
+    where none is set, and calling it and building the launch metadata it would receive costs each
+    launch a few microseconds of host time for nothing."""
+    return None if hook is None or not getattr(hook, "calls", True) else hook
 
 
 def device_guard(device: torch.device):

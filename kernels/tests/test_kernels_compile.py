@@ -133,13 +133,30 @@ def test_small_test_configs_compile():
 
 
 def test_launch_specialization_keys_what_triton_compiles_for():
-    from kernels._triton import _specialization
+    from kernels._triton import _launch_key
+
+    def _specialization(arg):
+        return _launch_key(0, (arg,), {})[1]
 
     t = torch.zeros(8)
     assert _specialization(t) == (torch.float32, True) and _specialization(t[1:]) == (torch.float32, False)
     assert _specialization(1) != _specialization(17) and _specialization(16) == _specialization(32)
     assert _specialization(17) == _specialization(3) and _specialization(2**31) != _specialization(16)
     assert _specialization(True) != _specialization(1) and _specialization(0.5) == _specialization(2.0)
+    assert _specialization(None) != _specialization(False) and _specialization(-(2**31))[0] == 32 == _specialization(3)[0]
+    assert _launch_key(0, (t, 1), {"BLOCK": 64}) != _launch_key(0, (t, 1), {"BLOCK": 128})
+    assert _launch_key(0, (t,), {}) != _launch_key(1, (t,), {})  # the device
+
+
+def test_empty_launch_hooks_are_skipped_and_set_ones_kept():
+    from triton.knobs import HookChain
+
+    from kernels._triton import _hook
+
+    chain = HookChain()
+    assert _hook(None) is None and _hook(chain) is None
+    chain.add(print)
+    assert _hook(chain) is chain and _hook(print) is print  # a plain callable (older Triton) is a hook
 
 
 def test_host_grid_helpers_match_triton():
