@@ -137,12 +137,13 @@ def device_guard(device: torch.device):
 
 
 def check_same_device(what: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    device = ref.device
     for name, t in tensors.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{what}: {name} is on {t.device} but the other operands are on {ref.device}")
-    if ref.device.type not in ("cuda", "cpu"):
+        if t is not None and t.device != device:
+            raise ValueError(f"{what}: {name} is on {t.device} but the other operands are on {device}")
+    if device.type not in ("cuda", "cpu"):
         raise ValueError(f"{what}: runs on CUDA tensors (or CPU tensors through the Triton interpreter), "
-                         f"not on {ref.device}")
+                         f"not on {device}")
 
 
 def check_2d(what: str, name: str, t: torch.Tensor, shape: tuple[int, int] | None = None,
