@@ -48,7 +48,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def measure(model, args, device) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.prompt), device=device)
     with torch.no_grad():
-        prefill = time_ms(lambda: model(input_ids=ids), warmup=2, iters=args.iters, inner=1)
+        # generation's prefill: logits for the last position alone (as generate asks), unless --logits all
+        keep = 1 if args.logits == "last" else 0
+        prefill = time_ms(lambda: model(input_ids=ids, logits_to_keep=keep), warmup=2, iters=args.iters, inner=1)
         short = ids[:, : args.decode_prompt]
         generate = lambda: model.generate(short, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,  # noqa: E731
                                           do_sample=False, pad_token_id=0)
@@ -60,7 +62,7 @@ def measure(model, args, device) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(input_ids=ids)
+            model(input_ids=ids, logits_to_keep=keep)
             torch.cuda.synchronize()
         result["prefill_profile"] = kernel_breakdown(prof, 1)
         result["decode_profile"] = profile_decode(model, short)
@@ -117,6 +119,9 @@ def main() -> None:
     parser.add_argument("--fold", default="on", choices=["on", "off", "on,off"],
                         help="adapters folded into the sparse forward operand (on), multiply-added onto its output "
                              "(off: rows named *_added), or each in turn from one export (on,off)")
+    parser.add_argument("--logits", choices=["last", "all"], default="last",
+                        help="the prefill's logits: the last position's (what generate computes; the default) or "
+                             "every position's (runs before session 14 did: the LM head over all 16384 tokens)")
     parser.add_argument("--profile", action="store_true", help="also one prefill and a decoding step per model under torch.profiler, the step under cProfile")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

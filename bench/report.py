@@ -140,8 +140,10 @@ def infer_table() -> list[str]:
         folds = a.get("fold", "off").split(",")  # runs from before folding added them after the product
         adapters = {("on",): "folded into the sparse operand", ("off",): "multiply-added onto the sparse output"}.get(
             tuple(folds), "folded into the sparse operand, `_added` rows multiply-added onto its output")
-        lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens, "
-                  f"decode {a['new_tokens']} tokens{fused}; adapters {adapters}; {_env(data['environment'])})",
+        logits = "last position's logits" if a.get("logits") == "last" else "every position's logits"
+        lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens "
+                  f"({logits}), decode {a['new_tokens']} tokens{fused}; adapters {adapters}; "
+                  f"{_env(data['environment'])})",
                   *_provenance(data),
                   "", "| model | prefill | decode | weight memory |", "|---|---|---|---|"]
         for variant, r in data["vs_dense"].items():
