@@ -6,10 +6,10 @@ algorithms with the result written transposed or not, run exactly as the backend
 them (:func:`dsparse.backends.cusparselt._sparse_mm`), up to :data:`kernels.skinny.MAX_TOKENS`
 tokens dsparse's few-token kernel on the same operand (:func:`kernels.skinny_sparse_mm`),
 and a dense GEMM on the decompressed ``A`` (what dsparse falls back to where sparse loses,
-e.g. on small layers that are launch-bound). A short eager screen times every cuSPARSELt algorithm with the
-transposed result and algorithm 0 untransposed (on an H100 the untransposed layout was
-never within 30% of the best); the fastest few, the default and the dense GEMM are then
-timed again. Results are checked against algorithm 0, so a broken algorithm is never
+e.g. on small layers that are launch-bound). A short eager screen times every cuSPARSELt
+algorithm with the transposed result and algorithm 0 untransposed (on an H100 the
+untransposed layout was never within 30% of the best); the fastest few, the default, the
+few-token kernel and the dense GEMM are then timed again. Results are checked against algorithm 0, so a broken algorithm is never
 chosen; times are eager (launch overhead included), which is what a training step pays.
 
 The MVUE weight gradient (``S(dYᵀ) X``, :func:`tune_mvue_dw`) is tuned the same way over
