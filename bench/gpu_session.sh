@@ -4,7 +4,8 @@
 #   tests        pytest -m gpu over tests/ and kernels/
 #   tune         tune the plans of the benchmarked shapes (shipped in dsparse/backends/tuned)
 #   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt vs the skinny kernel
-#                vs dense), before 'infer' (which would tune them on first use, eagerly)
+#                vs dense), timed eagerly (a decoding step is host-bound), before 'infer' (which would tune them
+#                on first use)
 #   layer        one layer dense vs sparse (MVUE dW included)
 #   kernels      the Triton kernels vs their torch references
 #   overhead     host time per call of one layer's products, and its profile
@@ -66,7 +67,7 @@ for part in "$@"; do
     tests)        timeout 330 python3 -m pytest -q -m gpu tests kernels ;;
     tune)         timeout 240 python3 -m bench.tune --tokens 8192,16384 ;;
     tune-decode)  timeout 200 python3 -m bench.tune --shapes 2048x2560,2048x2048,2048x11264,5632x2048 --tokens 8,16 \
-                    --dtypes bf16 --roles fwd --out bench/results/tune_${gpu}_decode.json ;;
+                    --dtypes bf16 --roles fwd --timing eager --out bench/results/tune_${gpu}_decode.json ;;
     layer)        timeout 200 python3 -m bench.layer ;;
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
     overhead)     timeout 120 python3 -m bench.overhead ;;

@@ -3,7 +3,9 @@ MVUE weight gradient) and save the winners.
 
 The measurement itself is :func:`dsparse.backends.tuning.tune_product` (every cuSPARSELt
 algorithm and result layout, run as dsparse runs them and checked against algorithm 0,
-dsparse's few-token kernel up to 64 tokens, and the dense GEMM); here the finalists are timed as CUDA graphs (kernels alone). After
+dsparse's few-token kernel up to 64 tokens, and the dense GEMM); here the finalists are
+timed as CUDA graphs (kernels alone), or with ``--timing eager`` as they run eagerly, host
+time included (decoding is host-bound). After
 every product all plans (merged into the existing file) go to a JSON file keyed by GPU and
 versions, which :func:`dsparse.backends.plans.load_plans` reads back; ``gpu_session.sh``
 writes it into ``dsparse/backends/tuned/``. The full table of timings goes to
@@ -35,8 +37,9 @@ ROLES = ("fwd", "dx", "dw_mvue")
 
 
 def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str], path: str,
-         roles: tuple[str, ...] = ROLES) -> list[dict]:
-    """Tune the ``roles`` products of every linear shape; installs the winning plans and saves them to ``path``."""
+         roles: tuple[str, ...] = ROLES, graph: bool = True) -> list[dict]:
+    """Tune the ``roles`` products of every linear shape; installs the winning plans and saves them to ``path``.
+    ``graph``: time the finalists' kernels alone (CUDA graphs); else eagerly, host time included."""
     table = []
     for in_f, out_f in shapes:
         for tokens in tokens_list:
@@ -47,8 +50,8 @@ def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str
                     if role not in roles:
                         continue
                     start = time.perf_counter()
-                    plan, timings = (tune_mvue_dw(k, rows, tokens, dtype, graph=True) if role == "dw_mvue"
-                                     else tune_product(rows, k, tokens, dtype, graph=True))
+                    plan, timings = (tune_mvue_dw(k, rows, tokens, dtype, graph=graph) if role == "dw_mvue"
+                                     else tune_product(rows, k, tokens, dtype, graph=graph))
                     plans.set_plan(role, tokens, k, rows, dtype, plan)
                     plans.save_plans(path)
                     default = next(t.get("ms", float("nan")) for t in timings
@@ -72,6 +75,9 @@ def main() -> None:
     parser.add_argument("--tokens", default="4096,8192,16384", help="token counts, comma-separated")
     parser.add_argument("--dtypes", default="bf16,fp16", help="bf16 and/or fp16")
     parser.add_argument("--roles", default=",".join(ROLES), help="products to tune: fwd, dx and/or dw_mvue")
+    parser.add_argument("--timing", choices=["graph", "eager"], default="graph",
+                        help="graph: the finalists' kernels alone; eager: with their host time (what a host-bound "
+                             "decoding step pays)")
     parser.add_argument("--plans", default=None, help="plan cache to write (default: dsparse's per-GPU cache path)")
     parser.add_argument("--out", default=None, help="timings JSON (default bench/results/tune_<gpu>.json)")
     args = parser.parse_args()
@@ -82,7 +88,7 @@ def main() -> None:
     if os.path.exists(path):  # keep the plans of shapes not tuned in this run
         plans.load_plans(path)
     table = tune(parse_shapes(args.shapes), [int(t) for t in args.tokens.split(",")], args.dtypes.split(","), path,
-                 roles)
+                 roles, graph=args.timing == "graph")
     print(f"saved {path}")
     write_result(args.out or f"bench/results/tune_{gpu_tag()}.json", {"products": table})
 

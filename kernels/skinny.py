@@ -30,7 +30,7 @@ CONFIG = {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _skinny_kernel(values_ptr, meta_ptr, x_ptr, bias_ptr, y_ptr, T, R, K, sx, sy,
+def _skinny_kernel(packed_ptr, x_ptr, bias_ptr, y_ptr, T, R, K, sx, sy,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, K_CHUNKS: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # R * K may pass 2**31
@@ -41,13 +41,14 @@ def _skinny_kernel(values_ptr, meta_ptr, x_ptr, bias_ptr, y_ptr, T, R, K, sx, sy
     # groups at bytes (g % 4) * 2 + g // 4 % 2, rows r and r + 8 in the low and high nibbles; the word of
     # (row r, groups 8g' ..) is int64 number (r // 64) * K + (r // 16 % 4) * 8 + r % 8 + 32 g'
     word_r = (rows // 64) * K + (rows // 16 % 4) * 8 + rows % 8
+    meta_ptr = (packed_ptr + R * (K // 2)).to(tl.pointer_type(tl.int64))  # after the kept values
     j = tl.arange(0, 8)  # group 8g' + j
     shift = ((j % 4) * 2 + j // 4)[None, None, :] * 8 + ((rows // 8 % 2) * 4)[:, None, None]
     c4 = tl.arange(0, 4)
     acc = tl.full([BLOCK_R, BLOCK_T], 0.0, dtype=tl.float32)  # not tl.zeros: a @triton.jit function
     for chunk in range(K_CHUNKS):  # constexpr trip count (runtime bounds trip up the interpreter)
         kept = chunk * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        v = tl.load(values_ptr + rows[:, None] * (K // 2) + kept[None, :],
+        v = tl.load(packed_ptr + rows[:, None] * (K // 2) + kept[None, :],
                     mask=mr[:, None] & (kept < K // 2)[None, :], other=0)
         v0, v1 = tl.split(tl.reshape(v, [BLOCK_R, BLOCK_K // 4, 2]))
         blocks = chunk * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)  # the chunk's blocks of 8 groups
@@ -73,13 +74,6 @@ def _skinny_kernel(values_ptr, meta_ptr, x_ptr, bias_ptr, y_ptr, T, R, K, sx, sy
 _KERNEL = DualKernel(_skinny_kernel)
 
 
-def _regions(packed: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept values ``(rows, cols/2)`` and the metadata, as 8-byte words, of a compressed operand (views)."""
-    rows = packed.shape[0]
-    flat = packed.reshape(-1)
-    return flat[: rows * cols // 2].view(rows, cols // 2), flat[rows * cols // 2:].view(torch.int64)
-
-
 def _check(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None) -> None:
     what = "skinny_sparse_mm"
     check_2d(what, "x2d", x2d, dtypes=_DTYPES)
@@ -98,30 +92,34 @@ def _check(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def skinny_sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     config: dict[str, int] | None = None) -> torch.Tensor:
+                     config: dict[str, int] | None = None, validate: bool = True) -> torch.Tensor:
     """``x2d @ Aᵀ (+ bias)`` ``(tokens, rows)`` for ``packed``, the compressed ``A`` ``(rows, cols)`` 2:4 along
     ``cols`` as ``torch._cslt_compress`` writes it (:mod:`kernels.cslt_meta`: both dims multiples of 64).
 
     ``x2d`` ``(tokens, cols)`` fp16/bf16 with unit column stride; ``bias`` ``(rows,)`` of its dtype.
     Any token count runs; the kernel is built for few (up to :data:`MAX_TOKENS`). CPU tensors
     run through the Triton interpreter (tests: bf16 products in fp32 there, the rounding
-    truncates). ``config`` overrides :data:`CONFIG`.
+    truncates). ``config`` overrides :data:`CONFIG`. ``validate=False`` skips the checks of the
+    operands for callers that guarantee them (the backend's decoding path, where each check is
+    host time).
     """
-    _check(packed, x2d, bias)
+    if validate:
+        _check(packed, x2d, bias)
     tokens, cols = x2d.shape
     rows = packed.shape[0]
     y = torch.empty(tokens, rows, dtype=x2d.dtype, device=x2d.device)
     if tokens == 0:
         return y
-    cfg = {**CONFIG, **(config or {})}
-    if cfg["BLOCK_K"] % 32 or cfg["BLOCK_R"] < 16:
-        raise ValueError(f"skinny_sparse_mm: config needs BLOCK_K a multiple of 32 (whole metadata words) and "
-                         f"BLOCK_R >= 16 (tensor-core tiles), got {cfg}")
+    cfg = CONFIG
+    if config is not None:
+        cfg = {**CONFIG, **config}
+        if cfg["BLOCK_K"] % 32 or cfg["BLOCK_R"] < 16:
+            raise ValueError(f"skinny_sparse_mm: config needs BLOCK_K a multiple of 32 (whole metadata words) and "
+                             f"BLOCK_R >= 16 (tensor-core tiles), got {cfg}")
     block_t = min(MAX_TOKENS, max(16, next_power_of_2(tokens)))
-    values, meta = _regions(packed, cols)
     ieee = x2d.dtype == torch.bfloat16 and _KERNEL.is_interpreted(x2d.device)
     grid = (cdiv(rows, cfg["BLOCK_R"]), cdiv(tokens, block_t))
-    _KERNEL.launch(x2d.device, grid, values, meta, x2d, bias if bias is not None else x2d, y,
+    _KERNEL.launch(x2d.device, grid, packed, x2d, bias if bias is not None else x2d, y,
                    tokens, rows, cols, x2d.stride(0), y.stride(0),
                    HAS_BIAS=bias is not None, IEEE=ieee, K_CHUNKS=cdiv(cols, cfg["BLOCK_K"]), BLOCK_T=block_t, **cfg)
     return y

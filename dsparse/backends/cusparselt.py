@@ -277,11 +277,12 @@ def _sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | Non
     """
     from . import cslt_binding
 
-    x2d = x2d.contiguous()
+    if not x2d.is_contiguous():  # (contiguous() itself is a dispatched op: host time a decoding step pays)
+        x2d = x2d.contiguous()
     if plan.skinny and skinny_applies(packed.shape[0], x2d.shape[1], x2d.dtype, x2d.device):
         from kernels import skinny_sparse_mm
 
-        return skinny_sparse_mm(packed, x2d, bias)
+        return skinny_sparse_mm(packed, x2d, bias, validate=False)  # shapes and dtypes hold: the backend made them
     tokens = x2d.shape[0]
     pad = (-tokens) % _TOKEN_MULTIPLE
     dense = torch.nn.functional.pad(x2d, (0, 0, 0, pad)) if pad else x2d
