@@ -81,6 +81,10 @@ SKINNY_CONFIGS = [
     {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
     {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 5},  # more bytes in flight per SM
     {"BLOCK_R": 16, "BLOCK_K": 512, "num_warps": 8, "num_stages": 3},
+    # a decoding product's time grows with k, not with rows (cuSPARSELt's too): fewer, wider k steps
+    {"BLOCK_R": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_R": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_R": 32, "BLOCK_K": 512, "num_warps": 8, "num_stages": 2},
     {"BLOCK_R": 16, "BLOCK_K": 64, "num_warps": 2, "num_stages": 4},
     {"BLOCK_R": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_R": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
