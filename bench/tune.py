@@ -23,7 +23,7 @@ import torch
 
 from bench.common import gpu_tag, write_result
 from dsparse.backends import plans
-from dsparse.backends.tuning import tune_mvue_dw, tune_product
+from dsparse.backends.tuning import plan_of, tune_mvue_dw, tune_product
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,9 +54,7 @@ def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str
                                      else tune_product(rows, k, tokens, dtype, graph=graph))
                     plans.set_plan(role, tokens, k, rows, dtype, plan)
                     plans.save_plans(path)
-                    default = next(t.get("ms", float("nan")) for t in timings
-                                   if (t["alg_id"], t["transpose_result"], t["dense"], t["skinny"])
-                                   == (0, False, False, False))
+                    default = next(t.get("ms", float("nan")) for t in timings if plan_of(t) == plans.DEFAULT_PLAN)
                     dense, skinny = (next((t["ms"] for t in timings if t[way] and "ms" in t), float("nan"))
                                      for way in ("dense", "skinny"))
                     best = min(t["ms"] for t in timings if "ms" in t)

@@ -22,7 +22,7 @@ import torch
 
 from .. import nm
 from ..timing import time_ms
-from .plans import Plan
+from .plans import DEFAULT_PLAN, Plan
 
 SCREEN = {"warmup": 0, "iters": 3, "inner": 1}  # every candidate, eager, after a first call checked its result
 FINAL = {"warmup": 2, "iters": 7, "inner": 5}  # the finalists
@@ -116,11 +116,10 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
     screened = sorted((r for r in table if "screen_ms" in r), key=lambda r: r["screen_ms"])
     finalists = [r for r in screened[:FINALISTS] if r["screen_ms"] <= NEAR * screened[0]["screen_ms"]]
     for r in table:  # the default, the skinny kernel and the dense GEMM are always timed, to compare
-        default = (r["alg_id"], r["transpose_result"], r["dense"], r["skinny"]) == (0, False, False, False)
-        if "screen_ms" in r and r not in finalists and (r["dense"] or r["skinny"] or default):
+        if "screen_ms" in r and r not in finalists and (r["dense"] or r["skinny"] or plan_of(r) == DEFAULT_PLAN):
             finalists.append(r)
     for r in finalists:
-        r["ms"] = time_ms(lambda: run(_plan(r)), **FINAL, graph=graph)
+        r["ms"] = time_ms(lambda: run(plan_of(r)), **FINAL, graph=graph)
     best_cslt = min((r for r in finalists if not (r["dense"] or r["skinny"])), key=lambda r: r["ms"])
     best_sparse = min((r for r in finalists if not r["dense"]), key=lambda r: r["ms"])
     best = min(finalists, key=lambda r: r["ms"])
@@ -128,5 +127,6 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
                 skinny=best_sparse["skinny"]), table
 
 
-def _plan(row: dict) -> Plan:
+def plan_of(row: dict) -> Plan:
+    """The plan a row of a tuning table timed."""
     return Plan(row["alg_id"], row["transpose_result"], row["dense"], row.get("skinny", False))
