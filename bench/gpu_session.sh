@@ -8,6 +8,7 @@
 #                on first use)
 #   layer        one layer dense vs sparse (MVUE dW included)
 #   kernels      the Triton kernels vs their torch references
+#   skinny       the few-token kernel's tile and split-k sweep on llama-1b's decode products (kernels_<gpu>_skinny.json)
 #   overhead     host time per call of one layer's products, and its profile
 #   fp8          FP8 (e4m3) 2:4 products vs bf16 and dense FP8
 #   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse; also with torch's threaded backward, and
@@ -27,6 +28,8 @@
 #                (the default), interleaved $REPEATS (1) times, pooled
 #   proj         dense, dsparse and dsparse+MVUE, llama-1b, with q/k/v and gate/up as one product each (the
 #                default) and apart, interleaved $REPEATS (1) times, pooled
+#   mbs          dense, dsparse and dsparse+MVUE, llama-1b, micro-batch $MBS (16) x 2048 tokens: the host's share of
+#                a step halves against 'proj''s 8 (engine_<gpu>_mbs<MBS>.json)
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense, with each prefill's profile; adapters folded into the
 #                sparse operand, and (rows *_added) multiply-added after the product
@@ -70,6 +73,7 @@ for part in "$@"; do
                     --dtypes bf16 --roles fwd --timing eager --out bench/results/tune_${gpu}_decode.json ;;
     layer)        timeout 200 python3 -m bench.layer ;;
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
+    skinny)       timeout 150 python3 -m bench.kernels --sections skinny --out bench/results/kernels_${gpu}_skinny.json ;;
     overhead)     timeout 120 python3 -m bench.overhead ;;
     fp8)          timeout 150 python3 -m bench.fp8 ;;
     step)         step 1 llama-1b dense --mode dense; step 1 llama-1b sparse --mode sparse
@@ -121,6 +125,10 @@ for part in "$@"; do
                     for m in dense sparse; do step 1 llama-1b proj/${m}_p${p}_$i --mode $m --steps 20 --projections $p; done
                     step 1 llama-1b proj/sparse_mvue_p${p}_$i --mode sparse --mvue_dw --steps 20 --projections $p; done; done
                   merge bench/results/engine_${gpu}_proj.json $runs/llama-1b_proj/*.json ;;
+    mbs)          b=${MBS:-16}; mkdir -p $runs/llama-1b_mbs$b; rm -f $runs/llama-1b_mbs$b/*.json
+                  for m in dense sparse; do step 1 llama-1b mbs$b/$m --mode $m --steps 20 --micro_batch_size $b; done
+                  step 1 llama-1b mbs$b/sparse_mvue --mode sparse --mvue_dw --steps 20 --micro_batch_size $b
+                  merge bench/results/engine_${gpu}_mbs$b.json $runs/llama-1b_mbs$b/*.json ;;
     memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;

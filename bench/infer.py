@@ -1,5 +1,9 @@
 """Inference: prefill and decode throughput and weight memory of exported sparse models vs dense.
 
+Decoding is timed twice: through ``generate`` (eager steps: on a slow host, the host's time) and
+through :class:`dsparse.decode.GraphDecoder` (a static cache, each step a CUDA graph replay: the
+GPU's time, as serving stacks run it).
+
 Each sparse variant goes through :func:`dsparse.export.export_model` and
 :func:`dsparse.export.load_for_inference` (cuSPARSELt forward operand only, adapters folded
 into it unless ``--fold off``, then multiply-added onto its output; ``--fold on,off`` measures
@@ -26,6 +30,7 @@ import torch
 
 from bench.common import gpu_tag, host_profile, kernel_breakdown, time_ms, write_result
 from dsparse import fuse_model, fuse_projections, fused_counts, sparse_modules, sparsify
+from dsparse.decode import GraphDecoder
 from dsparse.export import export_model, load_for_inference
 from dsparse.models import build_model
 
@@ -55,8 +60,14 @@ def measure(model, args, device) -> dict:
         generate = lambda: model.generate(short, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,  # noqa: E731
                                           do_sample=False, pad_token_id=0)
         decode = time_ms(generate, warmup=1, iters=max(3, args.iters // 3), inner=1)
+        # the same greedy decoding on a static cache, each step a CUDA graph replay (as serving stacks run it)
+        decoder = GraphDecoder(model, args.batch, args.decode_prompt + args.new_tokens)
+        decode_graph = time_ms(lambda: decoder(short, args.new_tokens), warmup=1, iters=max(3, args.iters // 3),
+                               inner=1)
     result = {"prefill_ms": prefill, "prefill_tokens_per_s": args.batch * args.prompt / prefill * 1e3,
               "decode_ms": decode, "decode_tokens_per_s": args.batch * args.new_tokens / decode * 1e3,
+              "decode_graph_ms": decode_graph,
+              "decode_graph_tokens_per_s": args.batch * args.new_tokens / decode_graph * 1e3,
               "weight_gib": weight_bytes(model) / 2**30, "fused_blocks": fused_counts(model)}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -94,6 +105,7 @@ def _write(results: dict, args: argparse.Namespace) -> None:
     base = results["dense"]
     ratios = {name: {"prefill_speedup": base["prefill_ms"] / r["prefill_ms"],
                      "decode_speedup": base["decode_ms"] / r["decode_ms"],
+                     "decode_graph_speedup": base["decode_graph_ms"] / r["decode_graph_ms"],
                      "weight_memory_ratio": r["weight_gib"] / base["weight_gib"]}
               for name, r in results.items() if name != "dense"}
     print(ratios, flush=True)

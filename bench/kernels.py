@@ -76,19 +76,22 @@ MVUE_CONFIGS = [
     {"BLOCK_C": 64, "BLOCK_P": 16, "num_warps": 2},
     {"BLOCK_C": 64, "BLOCK_P": 64, "num_warps": 8},
 ]
+SECTIONS = ("refresh", "lowrank", "mvue", "swiglu_mvue", "skinny", "fused")
 SKINNY_CONFIGS = [
-    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},  # kernels.skinny.CONFIG
-    {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 5},  # more bytes in flight per SM
-    {"BLOCK_R": 16, "BLOCK_K": 512, "num_warps": 8, "num_stages": 3},
-    # a decoding product's time grows with k, not with rows (cuSPARSELt's too): fewer, wider k steps
-    {"BLOCK_R": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_R": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_R": 32, "BLOCK_K": 512, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_R": 16, "BLOCK_K": 64, "num_warps": 2, "num_stages": 4},
-    {"BLOCK_R": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_R": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_R": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},  # kernels.skinny.CONFIG
+    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1},  # session 14's: k not split
+    # a decoding product's time grew with k, not with rows (cuSPARSELt's too): k split over more programs
+    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2},
+    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 4},
+    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 8},
+    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 2, "num_stages": 3, "SPLIT_K": 0},
+    {"BLOCK_R": 16, "BLOCK_K": 64, "num_warps": 2, "num_stages": 4, "SPLIT_K": 0},
+    {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},
+    {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 5, "SPLIT_K": 1},
+    {"BLOCK_R": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "SPLIT_K": 1},
+    {"BLOCK_R": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},
+    {"BLOCK_R": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "SPLIT_K": 0},
+    {"BLOCK_R": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},
 ]
 LOWRANK_CONFIGS = [
     {"BLOCK_T": 128, "BLOCK_N": 128, "num_warps": 8},
@@ -383,6 +386,8 @@ def main() -> None:
     parser.add_argument("--skinny", default="8x2048x2560,8x2048x2048,8x2048x11264,8x5632x2048,16x4096x4096",
                         help="tokens x in x out of skinny_sparse_mm (llama-1b's decode products), comma-separated")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tile configs only")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"which kernels to time, comma-separated, of {','.join(SECTIONS)}")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU through the Triton interpreter (checks the script, times nothing)")
     parser.add_argument("--out", default=None, help="result JSON (default bench/results/kernels_<gpu>.json)")
@@ -400,53 +405,69 @@ def main() -> None:
             raise SystemExit("bench.kernels needs a CUDA GPU (or --dry-run to check the script on the CPU)")
         device, timer, sweep = "cuda", time_ms, not args.no_sweep
 
-    rows = []
-    for in_f, out_f in shapes:
-        row = {"in": in_f, "out": out_f, "dtype": args.dtype,
-               **bench_refresh(in_f, out_f, dtype, device, timer, sweep),
-               **bench_gather(in_f, out_f, dtype, device, timer)}
-        print(f"transpose_values {in_f}x{out_f} {args.dtype}: kernel {row['refresh_kernel_ms']:.3f} ms "
-              f"({row['refresh_kernel_gbps']:.0f} GB/s) vs torch {row['refresh_torch_ms']:.3f} ms "
-              f"= {row['refresh_speedup']:.1f}x; best {row['refresh_best_config']} "
-              f"{row['refresh_best_gbps']:.0f} GB/s | full refresh {row['full_refresh_kernel_ms']:.3f} vs "
-              f"{row['full_refresh_torch_ms']:.3f} ms | mask kernel {row['mask_kernel_ms']:.3f} ms vs torch "
-              f"{row['mask_torch_ms']:.3f} ms = {row['mask_speedup']:.1f}x | dW gather {row['gather_kernel_ms']:.3f} "
-              f"vs {row['gather_torch_ms']:.3f} ms", flush=True)
-        rows.append(row)
-    lr = {"tokens": tokens, "out": lr_out, "r": rank, "dtype": args.dtype,
-          **bench_lowrank(tokens, lr_out, rank, dtype, device, timer, sweep)}
-    print(f"lowrank_addmm T={tokens} out={lr_out} r={rank} {args.dtype}: kernel {lr['kernel_ms']:.3f} ms "
-          f"({lr['kernel_gbps']:.0f} GB/s) vs addmm {lr['torch_addmm_ms']:.3f} ms = {lr['speedup_vs_addmm']:.2f}x; "
-          f"with bias {lr['kernel_bias_ms']:.3f} vs {lr['torch_addmm_bias_ms']:.3f} ms; best {lr['best_config']}; "
-          f"max err kernel {lr['kernel_max_abs_err']:.3g} torch {lr['torch_max_abs_err']:.3g}", flush=True)
-    mvue = []
-    for shape in args.mvue.split(","):
-        mvue.append({"dtype": args.dtype, **bench_mvue(*(int(v) for v in shape.split("x")), dtype, device, timer, sweep)})
-        m = mvue[-1]
-        print(f"mvue_compress {shape} {args.dtype}: {m['kernel_ms']:.3f} ms ({m['kernel_gbps']:.0f} GB/s) vs copy "
-              f"{m['copy_ms']:.3f} ms ({m['copy_gbps']:.0f} GB/s); best {m['best_config']} {m['best_ms']:.3f} ms "
-              f"({m['best_gbps']:.0f} GB/s)", flush=True)
-    sm = {"dtype": args.dtype, **bench_swiglu_mvue(fused_shape[0], fused_shape[2], dtype, device, timer, sweep)}
-    print(f"mvue_compress_swiglu T={fused_shape[0]} I={fused_shape[2]} {args.dtype}: {sm['kernel_ms']:.3f} ms "
-          f"({sm['kernel_gbps']:.0f} GB/s) vs silu_mul_backward + mvue_compress {sm['two_kernels_ms']:.3f} ms = "
-          f"{sm['speedup']:.2f}x; best {sm['best_config']} {sm['best_ms']:.3f} ms", flush=True)
-    skinny = []
-    kernel_timer = functools.partial(timer, graph=True)  # microseconds of GPU work: the kernels alone
-    for shape in args.skinny.split(","):
-        skinny.append({"dtype": args.dtype,
-                       **bench_skinny(*(int(v) for v in shape.split("x")), dtype, device, kernel_timer, sweep)})
-        k = skinny[-1]
-        print(f"skinny_sparse_mm {shape} {args.dtype}: {k['kernel_ms'] * 1e3:.1f} us ({k['kernel_gbps']:.0f} GB/s) vs "
-              f"dense {k['dense_ms'] * 1e3:.1f} us ({k['dense_gbps']:.0f} GB/s) = {k['speedup']:.2f}x; best "
-              f"{k['best_config']} {k['best_ms'] * 1e3:.1f} us = {k['best_speedup']:.2f}x", flush=True)
-    fused = {"dtype": args.dtype, **bench_fused(*fused_shape, dtype, device, timer)}
-    print(f"fused fwd+bwd {fused_shape}: RMSNorm {fused['rms_norm_fused_ms']:.3f} vs HF {fused['rms_norm_hf_ms']:.3f} ms "
-          f"= {fused['rms_norm_speedup']:.1f}x | SwiGLU gate {fused['swiglu_fused_ms']:.3f} vs "
-          f"{fused['swiglu_hf_ms']:.3f} ms = {fused['swiglu_speedup']:.1f}x | RoPE {fused['rope_fused_ms']:.3f} vs "
-          f"{fused['rope_hf_ms']:.3f} ms = {fused['rope_speedup']:.1f}x", flush=True)
-    payload = {"refresh": rows, "lowrank": lr, "mvue": mvue, "swiglu_mvue": sm, "skinny": skinny, "fused": fused,
-               "defaults": {"refresh": refresh_mod.CONFIG, "mask": masks_mod.CONFIG, "lowrank": lowrank_mod.CONFIG,
-                            "mvue": mvue_mod.CONFIG, "skinny": skinny_mod.CONFIG}}
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown --sections {sorted(unknown)}: choose from {','.join(SECTIONS)}")
+    payload: dict = {}
+    if "refresh" in sections:
+        rows = []
+        for in_f, out_f in shapes:
+            row = {"in": in_f, "out": out_f, "dtype": args.dtype,
+                   **bench_refresh(in_f, out_f, dtype, device, timer, sweep),
+                   **bench_gather(in_f, out_f, dtype, device, timer)}
+            print(f"transpose_values {in_f}x{out_f} {args.dtype}: kernel {row['refresh_kernel_ms']:.3f} ms "
+                  f"({row['refresh_kernel_gbps']:.0f} GB/s) vs torch {row['refresh_torch_ms']:.3f} ms "
+                  f"= {row['refresh_speedup']:.1f}x; best {row['refresh_best_config']} "
+                  f"{row['refresh_best_gbps']:.0f} GB/s | full refresh {row['full_refresh_kernel_ms']:.3f} vs "
+                  f"{row['full_refresh_torch_ms']:.3f} ms | mask kernel {row['mask_kernel_ms']:.3f} ms vs torch "
+                  f"{row['mask_torch_ms']:.3f} ms = {row['mask_speedup']:.1f}x | dW gather {row['gather_kernel_ms']:.3f} "
+                  f"vs {row['gather_torch_ms']:.3f} ms", flush=True)
+            rows.append(row)
+        payload["refresh"] = rows
+    if "lowrank" in sections:
+        lr = {"tokens": tokens, "out": lr_out, "r": rank, "dtype": args.dtype,
+              **bench_lowrank(tokens, lr_out, rank, dtype, device, timer, sweep)}
+        print(f"lowrank_addmm T={tokens} out={lr_out} r={rank} {args.dtype}: kernel {lr['kernel_ms']:.3f} ms "
+              f"({lr['kernel_gbps']:.0f} GB/s) vs addmm {lr['torch_addmm_ms']:.3f} ms = {lr['speedup_vs_addmm']:.2f}x; "
+              f"with bias {lr['kernel_bias_ms']:.3f} vs {lr['torch_addmm_bias_ms']:.3f} ms; best {lr['best_config']}; "
+              f"max err kernel {lr['kernel_max_abs_err']:.3g} torch {lr['torch_max_abs_err']:.3g}", flush=True)
+        payload["lowrank"] = lr
+    if "mvue" in sections:
+        mvue = []
+        for shape in args.mvue.split(","):
+            mvue.append({"dtype": args.dtype, **bench_mvue(*(int(v) for v in shape.split("x")), dtype, device, timer, sweep)})
+            m = mvue[-1]
+            print(f"mvue_compress {shape} {args.dtype}: {m['kernel_ms']:.3f} ms ({m['kernel_gbps']:.0f} GB/s) vs copy "
+                  f"{m['copy_ms']:.3f} ms ({m['copy_gbps']:.0f} GB/s); best {m['best_config']} {m['best_ms']:.3f} ms "
+                  f"({m['best_gbps']:.0f} GB/s)", flush=True)
+        payload["mvue"] = mvue
+    if "swiglu_mvue" in sections:
+        sm = {"dtype": args.dtype, **bench_swiglu_mvue(fused_shape[0], fused_shape[2], dtype, device, timer, sweep)}
+        print(f"mvue_compress_swiglu T={fused_shape[0]} I={fused_shape[2]} {args.dtype}: {sm['kernel_ms']:.3f} ms "
+              f"({sm['kernel_gbps']:.0f} GB/s) vs silu_mul_backward + mvue_compress {sm['two_kernels_ms']:.3f} ms = "
+              f"{sm['speedup']:.2f}x; best {sm['best_config']} {sm['best_ms']:.3f} ms", flush=True)
+        payload["swiglu_mvue"] = sm
+    if "skinny" in sections:
+        skinny = []
+        kernel_timer = functools.partial(timer, graph=True)  # microseconds of GPU work: the kernels alone
+        for shape in args.skinny.split(","):
+            skinny.append({"dtype": args.dtype,
+                           **bench_skinny(*(int(v) for v in shape.split("x")), dtype, device, kernel_timer, sweep)})
+            k = skinny[-1]
+            print(f"skinny_sparse_mm {shape} {args.dtype}: {k['kernel_ms'] * 1e3:.1f} us ({k['kernel_gbps']:.0f} GB/s) vs "
+                  f"dense {k['dense_ms'] * 1e3:.1f} us ({k['dense_gbps']:.0f} GB/s) = {k['speedup']:.2f}x; best "
+                  f"{k['best_config']} {k['best_ms'] * 1e3:.1f} us = {k['best_speedup']:.2f}x", flush=True)
+        payload["skinny"] = skinny
+    if "fused" in sections:
+        fused = {"dtype": args.dtype, **bench_fused(*fused_shape, dtype, device, timer)}
+        print(f"fused fwd+bwd {fused_shape}: RMSNorm {fused['rms_norm_fused_ms']:.3f} vs HF {fused['rms_norm_hf_ms']:.3f} ms "
+              f"= {fused['rms_norm_speedup']:.1f}x | SwiGLU gate {fused['swiglu_fused_ms']:.3f} vs "
+              f"{fused['swiglu_hf_ms']:.3f} ms = {fused['swiglu_speedup']:.1f}x | RoPE {fused['rope_fused_ms']:.3f} vs "
+              f"{fused['rope_hf_ms']:.3f} ms = {fused['rope_speedup']:.1f}x", flush=True)
+        payload["fused"] = fused
+    payload["defaults"] = {"refresh": refresh_mod.CONFIG, "mask": masks_mod.CONFIG, "lowrank": lowrank_mod.CONFIG,
+                           "mvue": mvue_mod.CONFIG, "skinny": skinny_mod.CONFIG}
     if args.dry_run:
         print("dry run: nothing written")
         return

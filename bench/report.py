@@ -61,6 +61,10 @@ def kernel_table() -> list[str]:
             lines.append(f"| MVUE S(dYᵀ) written compressed (vs a copy of dY: the bandwidth bound) | {r['tokens']} tokens x "
                          f"{r['out']} {r['dtype']} | {r['kernel_ms']:.3f} ms | {r['copy_ms']:.3f} ms | "
                          f"{r['copy_ms'] / r['kernel_ms']:.2f}x |")
+        for r in data.get("skinny", []):
+            lines.append(f"| x Aᵀ for few tokens straight from the compressed A (vs F.linear on the dense A; CUDA "
+                         f"graph replays) | {r['tokens']} tokens x {r['in']} -> {r['out']} {r['dtype']} | "
+                         f"{r['kernel_ms'] * 1e3:.1f} µs | {r['dense_ms'] * 1e3:.1f} µs | {r['speedup']:.2f}x |")
         fused = data.get("fused")
         if fused:
             shape = f"{fused['tokens']} tokens, {fused['hidden']} / {fused['inter']} {fused['dtype']}"
@@ -145,9 +149,11 @@ def infer_table() -> list[str]:
                   f"({logits}), decode {a['new_tokens']} tokens{fused}; adapters {adapters}; "
                   f"{_env(data['environment'])})",
                   *_provenance(data),
-                  "", "| model | prefill | decode | weight memory |", "|---|---|---|---|"]
+                  "", "| model | prefill | decode (generate) | decode (CUDA graphs) | weight memory |",
+                  "|---|---|---|---|---|"]
         for variant, r in data["vs_dense"].items():
-            lines.append(f"| {variant} | {r['prefill_speedup']:.2f}x | {r['decode_speedup']:.2f}x | "
+            graphs = f"{r['decode_graph_speedup']:.2f}x" if "decode_graph_speedup" in r else "-"  # since session 15
+            lines.append(f"| {variant} | {r['prefill_speedup']:.2f}x | {r['decode_speedup']:.2f}x | {graphs} | "
                          f"{r['weight_memory_ratio']:.2f}x |")
         lines.append("")
     return lines

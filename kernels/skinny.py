@@ -14,6 +14,15 @@ contiguous run that Triton pipelines (``cp.async``), none a byte gather. The per
 (:mod:`dsparse.backends.plans`) choose it over cuSPARSELt's algorithms where it measures
 faster; it needs no other operand, so a frozen inference model, which keeps only the
 compressed one, can take it too.
+
+A decoding product is latency-bound along ``k``: a program walks its chunks one after another,
+and one row block per program leaves most SMs with one or two programs, too few loads in
+flight to stream the operand. So the kernel splits ``k`` (``SPLIT_K`` programs per tile, by
+default as many as fill :data:`PROGRAMS_PER_SM` programs per SM): each writes its fp32 partial
+sums, takes a ticket from the tile's counter, and the last to arrive adds the partials in
+split order (so the result does not depend on arrival order: deterministic), adds the bias,
+rounds once and resets the counter. One launch, no zeroed buffer; the counters live per
+device and stream.
 """
 from __future__ import annotations
 
@@ -23,15 +32,16 @@ import triton.language as tl
 from . import cslt_meta
 from ._triton import DualKernel, cdiv, check_2d, check_same_device, next_power_of_2
 
-__all__ = ["skinny_sparse_mm", "skinny_sparse_mm_reference", "MAX_TOKENS"]
+__all__ = ["skinny_sparse_mm", "skinny_sparse_mm_reference", "split_k", "MAX_TOKENS"]
 
 MAX_TOKENS = 64  # tuning offers this kernel up to here (it runs any count, one token tile at a time)
-CONFIG = {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+PROGRAMS_PER_SM = 4  # the default split of k fills this many programs per SM
+CONFIG = {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0}  # SPLIT_K 0: by occupancy
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _skinny_kernel(packed_ptr, x_ptr, bias_ptr, y_ptr, T, R, K, sx, sy,
-                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, K_CHUNKS: tl.constexpr,
+def _skinny_kernel(packed_ptr, x_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, T, R, K, sx, sy,
+                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, K_CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # R * K may pass 2**31
     toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -46,7 +56,8 @@ def _skinny_kernel(packed_ptr, x_ptr, bias_ptr, y_ptr, T, R, K, sx, sy,
     shift = ((j % 4) * 2 + j // 4)[None, None, :] * 8 + ((rows // 8 % 2) * 4)[:, None, None]
     c4 = tl.arange(0, 4)
     acc = tl.full([BLOCK_R, BLOCK_T], 0.0, dtype=tl.float32)  # not tl.zeros: a @triton.jit function
-    for chunk in range(K_CHUNKS):  # constexpr trip count (runtime bounds trip up the interpreter)
+    for c in range(K_CHUNKS):  # constexpr trip count (runtime bounds trip up the interpreter)
+        chunk = tl.program_id(2) * K_CHUNKS + c  # this split's chunks (past k: masked)
         kept = chunk * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         v = tl.load(packed_ptr + rows[:, None] * (K // 2) + kept[None, :],
                     mask=mr[:, None] & (kept < K // 2)[None, :], other=0)
@@ -65,13 +76,50 @@ def _skinny_kernel(packed_ptr, x_ptr, bias_ptr, y_ptr, T, R, K, sx, sy,
             acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
         else:  # fp16 x fp16 or bf16 x bf16 on tensor cores: exact products, fp32 sums
             acc = tl.dot(w, tl.trans(x), acc)
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + rows, mask=mr, other=0).to(tl.float32)[:, None]
-    tl.store(y_ptr + toks[None, :] * sy + rows[:, None], acc.to(y_ptr.dtype.element_ty),
-             mask=mr[:, None] & mt[None, :])
+    out_mask = mr[:, None] & mt[None, :]
+    last = True
+    if SPLIT_K > 1:  # partial sums out; the tile's last split adds them up in split order
+        part = part_ptr + toks[None, :] * R + rows[:, None]  # partial s at part + s * T * R
+        tl.store(part + tl.program_id(2) * T * R, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket releases them
+        ticket = ticket_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        last = tl.atomic_add(ticket, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.full([BLOCK_R, BLOCK_T], 0.0, dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(part + s * T * R, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(ticket, 0)  # ready for the next launch on this stream
+    if last:
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + rows, mask=mr, other=0).to(tl.float32)[:, None]
+        tl.store(y_ptr + toks[None, :] * sy + rows[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 _KERNEL = DualKernel(_skinny_kernel)
+_TICKETS: dict[tuple, torch.Tensor] = {}  # (device, stream) -> per-tile counters, zero between launches
+_SMS: dict[torch.device, int] = {}
+
+
+def _tickets(device: torch.device, tiles: int) -> torch.Tensor:
+    """The split-k counters of launches on ``device``'s current stream (kernels on one stream run in order,
+    and each leaves its counters at zero; another stream gets its own)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    tickets = _TICKETS.get((device, stream))
+    if tickets is None or tickets.numel() < tiles:
+        tickets = _TICKETS[(device, stream)] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return tickets
+
+
+def split_k(tiles: int, chunks: int, device: torch.device) -> int:
+    """How many programs share a tile's ``chunks`` of ``k``: enough for :data:`PROGRAMS_PER_SM` programs per
+    SM (the interpreter: 1), then as few as give each split the same chunk count."""
+    if device.type != "cuda":
+        return 1
+    sms = _SMS.get(device)
+    if sms is None:
+        sms = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, min(chunks, PROGRAMS_PER_SM * sms // tiles))
+    return cdiv(chunks, cdiv(chunks, want))
 
 
 def _check(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -113,15 +161,25 @@ def skinny_sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor
     cfg = CONFIG
     if config is not None:
         cfg = {**CONFIG, **config}
-        if cfg["BLOCK_K"] % 32 or cfg["BLOCK_R"] < 16:
-            raise ValueError(f"skinny_sparse_mm: config needs BLOCK_K a multiple of 32 (whole metadata words) and "
-                             f"BLOCK_R >= 16 (tensor-core tiles), got {cfg}")
+        if cfg["BLOCK_K"] % 32 or cfg["BLOCK_R"] < 16 or cfg["SPLIT_K"] < 0:
+            raise ValueError(f"skinny_sparse_mm: config needs BLOCK_K a multiple of 32 (whole metadata words), "
+                             f"BLOCK_R >= 16 (tensor-core tiles) and SPLIT_K >= 0 (0: by occupancy), got {cfg}")
+    cfg = dict(cfg)
     block_t = min(MAX_TOKENS, max(16, next_power_of_2(tokens)))
-    ieee = x2d.dtype == torch.bfloat16 and _KERNEL.is_interpreted(x2d.device)
     grid = (cdiv(rows, cfg["BLOCK_R"]), cdiv(tokens, block_t))
-    _KERNEL.launch(x2d.device, grid, packed, x2d, bias if bias is not None else x2d, y,
-                   tokens, rows, cols, x2d.stride(0), y.stride(0),
-                   HAS_BIAS=bias is not None, IEEE=ieee, K_CHUNKS=cdiv(cols, cfg["BLOCK_K"]), BLOCK_T=block_t, **cfg)
+    chunks = cdiv(cols, cfg["BLOCK_K"])
+    splits = min(chunks, cfg.pop("SPLIT_K") or split_k(grid[0] * grid[1], chunks, x2d.device))
+    per_split = cdiv(chunks, splits)
+    splits = cdiv(chunks, per_split)  # none left empty
+    if splits > 1:
+        part = torch.empty(splits, tokens, rows, dtype=torch.float32, device=x2d.device)
+        tickets = _tickets(x2d.device, grid[0] * grid[1])
+    else:
+        part = tickets = y  # not read
+    ieee = x2d.dtype == torch.bfloat16 and _KERNEL.is_interpreted(x2d.device)
+    _KERNEL.launch(x2d.device, (*grid, splits), packed, x2d, bias if bias is not None else x2d, y, part, tickets,
+                   tokens, rows, cols, x2d.stride(0), y.stride(0), HAS_BIAS=bias is not None, IEEE=ieee,
+                   K_CHUNKS=per_split, SPLIT_K=splits, BLOCK_T=block_t, **cfg)
     return y
 
 

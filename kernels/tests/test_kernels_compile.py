@@ -179,3 +179,8 @@ def test_skinny_sparse_mm_compiles(arch, dtype):
     gpu = {"IEEE": False}  # on CPU the wrapper multiplies bf16 in fp32 (an interpreter limitation): ask for the GPU's
     _compile(lambda: skinny_sparse_mm(packed, x, bias), arch, **gpu)
     _compile(lambda: skinny_sparse_mm(packed, torch.zeros(40, 256, dtype=dtype)), arch, **gpu)
+    split = _compile(lambda: skinny_sparse_mm(packed, x, bias, config={"SPLIT_K": 2}), arch, **gpu)
+    ptx = split.asm["ptx"]  # the ticket after a CTA barrier (acquire-release at GPU scope), then its reset
+    ticket = ptx.index("atom.global.gpu.acq_rel.add")
+    assert ptx.rfind("bar.sync", 0, ticket) > ptx.rfind("st.global", 0, ticket) > 0  # partials stored, then barrier
+    assert "atom.global.gpu.acq_rel.exch" in ptx[ticket:]

@@ -39,6 +39,37 @@ def test_reads_rows_at_their_stride_and_any_token_count(device):
     torch.testing.assert_close(got.float(), x.float() @ dense.float().t(), rtol=2 ** -9, atol=1e-2)
 
 
+@pytest.mark.parametrize("splits, tokens", [(2, 5), (3, 70), (8, 16)])
+def test_split_k_adds_the_partials_in_split_order_and_leaves_the_counters_at_zero(splits, tokens, device):
+    from kernels import skinny
+
+    packed, dense = _operand(128, 320, torch.bfloat16, device, seed=splits)  # 5 chunks of 64: uneven splits
+    gen = torch.Generator().manual_seed(splits)
+    x = torch.randn(tokens, 320, generator=gen).bfloat16().to(device)
+    bias = torch.randn(128, generator=gen).bfloat16().to(device)
+    one = skinny_sparse_mm(packed, x, bias, config={"BLOCK_K": 64, "SPLIT_K": 1})
+    for _ in range(2):  # the second launch reuses the counters the first reset
+        got = skinny_sparse_mm(packed, x, bias, config={"BLOCK_K": 64, "SPLIT_K": splits})
+        torch.testing.assert_close(got, one, rtol=2 ** -6, atol=1e-2)
+        torch.testing.assert_close(got, skinny_sparse_mm_reference(packed, x, bias), rtol=2 ** -6, atol=1e-2)
+    tickets = [t for (dev, _), t in skinny._TICKETS.items() if dev == x.device]
+    assert tickets and all(int(t.abs().sum()) == 0 for t in tickets)
+    if device == "cuda":  # the same sums in the same order: the same bits, launch after launch
+        assert torch.equal(got, skinny_sparse_mm(packed, x, bias, config={"BLOCK_K": 64, "SPLIT_K": splits}))
+
+
+def test_the_default_split_fills_the_sms_with_equal_splits():
+    from kernels.skinny import PROGRAMS_PER_SM, split_k
+
+    assert split_k(160, 16, torch.device("cpu")) == 1  # the interpreter runs programs one by one
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", 0)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        assert split_k(PROGRAMS_PER_SM * sms, 16, dev) == 1
+        s = split_k(16, 44, dev)
+        assert 1 < s <= 44 and -(-44 // s) * (s - 1) < 44  # no split left without chunks
+
+
 def test_a_group_of_zeros_reads_as_zeros_and_no_tokens_gives_an_empty_result(device):
     packed, _ = _operand(64, 64, torch.bfloat16, device, mode="zeros")
     x = torch.randn(3, 64).bfloat16().to(device)
@@ -61,3 +92,5 @@ def test_bad_operands_are_refused_with_the_fix():
         skinny_sparse_mm(packed, x.t().contiguous().t())
     with pytest.raises(ValueError, match="multiple of 32"):
         skinny_sparse_mm(packed, x, config={"BLOCK_K": 48})
+    with pytest.raises(ValueError, match="SPLIT_K >= 0"):
+        skinny_sparse_mm(packed, x, config={"SPLIT_K": -1})
