@@ -4,8 +4,8 @@
 #   tests        pytest -m gpu over tests/ and kernels/
 #   tune         tune the plans of the benchmarked shapes (shipped in dsparse/backends/tuned)
 #   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt vs the skinny kernel
-#                vs dense), timed eagerly (a decoding step is host-bound), before 'infer' (which would tune them
-#                on first use)
+#                vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
+#                'infer' (which would tune them on first use)
 #   layer        one layer dense vs sparse (MVUE dW included)
 #   kernels      the Triton kernels vs their torch references
 #   skinny       the few-token kernel's tile and split-k sweep on llama-1b's decode products (kernels_<gpu>_skinny.json)
@@ -30,9 +30,11 @@
 #                default) and apart, interleaved $REPEATS (1) times, pooled
 #   mbs          dense, dsparse and dsparse+MVUE, llama-1b, micro-batch $MBS (16) x 2048 tokens: the host's share of
 #                a step halves against 'proj''s 8 (engine_<gpu>_mbs<MBS>.json)
+#   ga           the same with $GA (4) micro-batches of 8 x 2048 tokens per optimizer step (engine_<gpu>_ga<GA>.json)
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense, with each prefill's profile; adapters folded into the
 #                sparse operand, and (rows *_added) multiply-added after the product
+#   infer-graphs the same without profiles or unfolded adapters (infer_<gpu>_graphs.json)
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
 #   convergence-mvue  a shorter run (300 steps): dense vs dsparse vs dsparse with MVUE weight gradients
 #   nccl         the 2-GPU engine test and step benchmark, with one GPU of the same host for scale (needs 2 GPUs)
@@ -70,7 +72,7 @@ for part in "$@"; do
     tests)        timeout 330 python3 -m pytest -q -m gpu tests kernels ;;
     tune)         timeout 240 python3 -m bench.tune --tokens 8192,16384 ;;
     tune-decode)  timeout 200 python3 -m bench.tune --shapes 2048x2560,2048x2048,2048x11264,5632x2048 --tokens 8,16 \
-                    --dtypes bf16 --roles fwd --timing eager --out bench/results/tune_${gpu}_decode.json ;;
+                    --dtypes bf16 --roles fwd --timing graph --out bench/results/tune_${gpu}_decode.json ;;
     layer)        timeout 200 python3 -m bench.layer ;;
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
     skinny)       timeout 150 python3 -m bench.kernels --sections skinny --out bench/results/kernels_${gpu}_skinny.json ;;
@@ -129,10 +131,15 @@ for part in "$@"; do
                   for m in dense sparse; do step 1 llama-1b mbs$b/$m --mode $m --steps 20 --micro_batch_size $b; done
                   step 1 llama-1b mbs$b/sparse_mvue --mode sparse --mvue_dw --steps 20 --micro_batch_size $b
                   merge bench/results/engine_${gpu}_mbs$b.json $runs/llama-1b_mbs$b/*.json ;;
+    ga)           a=${GA:-4}; mkdir -p $runs/llama-1b_ga$a; rm -f $runs/llama-1b_ga$a/*.json
+                  for m in dense sparse; do step 1 llama-1b ga$a/$m --mode $m --warmup 2 --steps 8 --grad_accum $a; done
+                  step 1 llama-1b ga$a/sparse_mvue --mode sparse --mvue_dw --warmup 2 --steps 8 --grad_accum $a
+                  merge bench/results/engine_${gpu}_ga$a.json $runs/llama-1b_ga$a/*.json ;;
     memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;
     infer)        timeout 400 python3 -m bench.infer --profile --fold on,off ;;
+    infer-graphs) timeout 200 python3 -m bench.infer --fold on --out bench/results/infer_${gpu}_graphs.json ;;
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
     convergence-mvue) timeout 330 python3 -m bench.convergence --gpus 1 --modes dense,dsparse,dsparse_mvue \
                     --max_steps 300 --out bench/results/convergence_${gpu}_mvue.json ;;

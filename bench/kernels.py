@@ -78,20 +78,20 @@ MVUE_CONFIGS = [
 ]
 SECTIONS = ("refresh", "lowrank", "mvue", "swiglu_mvue", "skinny", "fused")
 SKINNY_CONFIGS = [
-    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},  # kernels.skinny.CONFIG
+    {"BLOCK_R": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},  # kernels.skinny.CONFIG
     {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1},  # session 14's: k not split
-    # a decoding product's time grew with k, not with rows (cuSPARSELt's too): k split over more programs
-    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2},
-    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 4},
+    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},
     {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 8},
-    {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 2, "num_stages": 3, "SPLIT_K": 0},
-    {"BLOCK_R": 16, "BLOCK_K": 64, "num_warps": 2, "num_stages": 4, "SPLIT_K": 0},
-    {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},
-    {"BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 5, "SPLIT_K": 1},
-    {"BLOCK_R": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "SPLIT_K": 1},
     {"BLOCK_R": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},
-    {"BLOCK_R": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "SPLIT_K": 0},
-    {"BLOCK_R": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},
+    # session 15's sweep: 64-row tiles were fastest at every shape, split k helped 16-row tiles a little
+    {"BLOCK_R": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1},
+    {"BLOCK_R": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_K": 0},
+    {"BLOCK_R": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 0},
+    {"BLOCK_R": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 4, "SPLIT_K": 0},
+    {"BLOCK_R": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},
+    {"BLOCK_R": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3, "SPLIT_K": 0},
+    {"BLOCK_R": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_K": 0},
+    {"BLOCK_R": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 4, "SPLIT_K": 0},
 ]
 LOWRANK_CONFIGS = [
     {"BLOCK_T": 128, "BLOCK_N": 128, "num_warps": 8},

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> None:
         model.config.num_hidden_layers = args.layers
     config = {
         "train_micro_batch_size_per_gpu": args.micro_batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": args.grad_accum,
         "gradient_clipping": 1.0,
         "bf16": {"enabled": True},
         "zero_optimization": {"stage": args.zero, "overlap_comm": args.overlap_comm == "on",
@@ -77,12 +77,15 @@ def run(args: argparse.Namespace) -> None:
             marks.append((time.perf_counter(), time.thread_time()))
 
     def step(marks: list[tuple[float, float]] | None = None) -> float:
-        ids = torch.randint(0, args.vocab, (args.micro_batch_size, args.seq_len), device=device, generator=gen)
-        loss = engine(input_ids=ids, labels=ids).loss
-        mark(marks)
-        engine.backward(loss)
-        mark(marks)
-        engine.step()
+        """One optimizer step: ``--grad_accum`` micro-batches (the phases' marks fall in the last one)."""
+        for micro in range(args.grad_accum):
+            last = marks if micro == args.grad_accum - 1 else None
+            ids = torch.randint(0, args.vocab, (args.micro_batch_size, args.seq_len), device=device, generator=gen)
+            loss = engine(input_ids=ids, labels=ids).loss
+            mark(last)
+            engine.backward(loss)
+            mark(last)
+            engine.step()
         return loss
 
     for _ in range(args.warmup):
@@ -128,11 +131,12 @@ def run(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         profile = kernel_breakdown(prof, args.profile)
     host_times = host_profile(step, args.host_profile) if args.host_profile else None
-    tokens = args.micro_batch_size * args.seq_len * dist.get_world_size()
+    tokens = args.micro_batch_size * args.seq_len * dist.get_world_size() * args.grad_accum
     result = {"mode": args.mode, "mvue_dw": args.mvue_dw and args.mode != "dense", "grad_ckpt": args.grad_ckpt, "fused": args.fusion != "off",
               "fused_blocks": dsparse.fused_counts(engine.module), "overlap_comm": args.overlap_comm == "on",
               "autograd_multithreading": args.autograd_threads, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
+              "grad_accum": args.grad_accum,
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,  # in step order
               "step_s_back_to_back": back_to_back_s, "host_syncs": args.host_syncs == "on",
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -160,7 +164,7 @@ def _label(row: dict) -> str:
     before the option kept them apart), ``+threaded`` with backward on autograd's device thread
     (torch's default, and every run from before the flag), ``+no-overlap`` without ZeRO's overlap_comm,
     ``+host-syncs`` with DeepSpeed's host-read step checks and synchronized throughput timer (every run from
-    before the flag), ``xN`` GPUs."""
+    before the flag), ``+gaN`` with N micro-batches a step, ``xN`` GPUs."""
     threaded = row.get("autograd_multithreading", True)
     fused = row.get("fused", False)
     return (row["mode"] + ("+mvue" if row.get("mvue_dw") and row["mode"] != "dense" else "")
@@ -169,6 +173,7 @@ def _label(row: dict) -> str:
             + ("+proj" if row.get("fused_blocks", {}).get("projections") else "")
             + ("+threaded" if threaded else "") + ("+no-overlap" if row.get("overlap_comm") is False else "")
             + ("+host-syncs" if row.get("host_syncs", True) else "")
+            + (f"+ga{row['grad_accum']}" if row.get("grad_accum", 1) > 1 else "")
             + (f"x{row['gpus']}" if row["gpus"] > 1 else ""))
 
 
@@ -221,6 +226,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--micro_batch_size", type=int, default=8)
+    parser.add_argument("--grad_accum", type=int, default=1,
+                        help="micro-batches per optimizer step (a step's host phases: forward counts the earlier ones)")
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--mvue_dw", action="store_true",
                         help="sparse weight gradients from an MVUE 2:4 sparsification of dYᵀ (config sparsity.mvue_dw)")
