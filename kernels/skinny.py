@@ -15,14 +15,16 @@ contiguous run that Triton pipelines (``cp.async``), none a byte gather. The per
 faster; it needs no other operand, so a frozen inference model, which keeps only the
 compressed one, can take it too.
 
-A decoding product is latency-bound along ``k``: a program walks its chunks one after another,
-and one row block per program leaves most SMs with one or two programs, too few loads in
-flight to stream the operand. So the kernel splits ``k`` (``SPLIT_K`` programs per tile, by
+A program walks its chunks one after another, and one row block per program can leave most
+SMs with one or two programs. So the kernel splits ``k`` (``SPLIT_K`` programs per tile, by
 default as many as fill :data:`PROGRAMS_PER_SM` programs per SM): each writes its fp32 partial
 sums, takes a ticket from the tile's counter, and the last to arrive adds the partials in
 split order (so the result does not depend on arrival order: deterministic), adds the bias,
 rounds once and resets the counter. One launch, no zeroed buffer; the counters live per
-device and stream.
+device and stream. On the H200 (``kernels_h200_skinny*.json``) splitting took llama-1b's
+decoding products from 15-48 to 12-45 µs with 16-row tiles, 64-row tiles to 11-31 µs; dense
+cuBLAS takes 6-10. What bounds the kernel then is rebuilding the dense tile (selects and
+layout shuffles per weight entry), not memory: 0.4-0.8 TB/s of the operand.
 """
 from __future__ import annotations
 
