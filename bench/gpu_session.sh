@@ -31,6 +31,9 @@
 #   mbs          dense, dsparse and dsparse+MVUE, llama-1b, micro-batch $MBS (16) x 2048 tokens: the host's share of
 #                a step halves against 'proj''s 8 (engine_<gpu>_mbs<MBS>.json)
 #   ga           the same with $GA (4) micro-batches of 8 x 2048 tokens per optimizer step (engine_<gpu>_ga<GA>.json)
+#   swiglu-mvue  sparse+MVUE with gate/up's MVUE operand written by SwiGLU's backward (the default) and by a pass
+#                of its own, and dense, interleaved $REPEATS (2) times (engine_<gpu>_swiglu_mvue.json); then
+#                mvue_compress and mvue_compress_swiglu alone on llama-1b's shapes (kernels_<gpu>_mvue.json)
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense, with each prefill's profile; adapters folded into the
 #                sparse operand, and (rows *_added) multiply-added after the product
@@ -135,6 +138,13 @@ for part in "$@"; do
                   for m in dense sparse; do step 1 llama-1b ga$a/$m --mode $m --warmup 2 --steps 8 --grad_accum $a; done
                   step 1 llama-1b ga$a/sparse_mvue --mode sparse --mvue_dw --warmup 2 --steps 8 --grad_accum $a
                   merge bench/results/engine_${gpu}_ga$a.json $runs/llama-1b_ga$a/*.json ;;
+    swiglu-mvue)  mkdir -p $runs/llama-1b_swiglu_mvue; rm -f $runs/llama-1b_swiglu_mvue/*.json
+                  for i in $(seq "${REPEATS:-2}"); do step 1 llama-1b swiglu_mvue/dense_$i --mode dense --steps 20
+                    for s in on off; do step 1 llama-1b swiglu_mvue/sparse_mvue_${s}_$i --mode sparse --mvue_dw \
+                      --steps 20 --swiglu_mvue $s; done; done
+                  merge bench/results/engine_${gpu}_swiglu_mvue.json $runs/llama-1b_swiglu_mvue/*.json
+                  timeout 120 python3 -m bench.kernels --sections mvue,swiglu_mvue --mvue 16384x2560,16384x2048,16384x11264 \
+                    --fused 16384,2048,5632 --out bench/results/kernels_${gpu}_mvue.json ;;
     memory)       step 1 llama-7b dense_8l_gc --mode dense --layers 8 --micro_batch_size 1 --grad_ckpt
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;

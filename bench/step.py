@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
                                                   "fused": True}},
         "steps_per_print": 10**9,
         "fusion": {"enabled": args.fusion != "off", "rope": args.fusion != "no-rope",
-                   "projections": args.projections == "on"},
+                   "projections": args.projections == "on", "swiglu_mvue": args.swiglu_mvue == "on"},
         "autograd": {"multithreading": args.autograd_threads},
         # --host_syncs off: no host read in the ZeRO step, no device sync in DeepSpeed's throughput timer
         "step": {"sync_free": args.host_syncs == "off"},
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> None:
               "fused_blocks": dsparse.fused_counts(engine.module), "overlap_comm": args.overlap_comm == "on",
               "autograd_multithreading": args.autograd_threads, "model": args.model, "layers": args.layers or model.config.num_hidden_layers,
               "zero_stage": args.zero, "gpus": dist.get_world_size(), "micro_batch_size": args.micro_batch_size,
-              "grad_accum": args.grad_accum,
+              "grad_accum": args.grad_accum, "swiglu_mvue": args.swiglu_mvue == "on",
               "seq_len": args.seq_len, "step_s_median": step_s, "step_s_all": times,  # in step order
               "step_s_back_to_back": back_to_back_s, "host_syncs": args.host_syncs == "on",
               "tokens_per_s": tokens / step_s, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -164,7 +164,8 @@ def _label(row: dict) -> str:
     before the option kept them apart), ``+threaded`` with backward on autograd's device thread
     (torch's default, and every run from before the flag), ``+no-overlap`` without ZeRO's overlap_comm,
     ``+host-syncs`` with DeepSpeed's host-read step checks and synchronized throughput timer (every run from
-    before the flag), ``+gaN`` with N micro-batches a step, ``xN`` GPUs."""
+    before the flag), ``+gaN`` with N micro-batches a step, ``+mvue-apart`` with gate/up's MVUE operand
+    written by a pass of its own (not by SwiGLU's backward), ``xN`` GPUs."""
     threaded = row.get("autograd_multithreading", True)
     fused = row.get("fused", False)
     return (row["mode"] + ("+mvue" if row.get("mvue_dw") and row["mode"] != "dense" else "")
@@ -174,6 +175,8 @@ def _label(row: dict) -> str:
             + ("+threaded" if threaded else "") + ("+no-overlap" if row.get("overlap_comm") is False else "")
             + ("+host-syncs" if row.get("host_syncs", True) else "")
             + (f"+ga{row['grad_accum']}" if row.get("grad_accum", 1) > 1 else "")
+            + ("+mvue-apart" if row.get("mvue_dw") and row["mode"] != "dense" and row.get("swiglu_mvue") is False
+               else "")
             + (f"x{row['gpus']}" if row["gpus"] > 1 else ""))
 
 
@@ -226,6 +229,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--micro_batch_size", type=int, default=8)
+    parser.add_argument("--swiglu_mvue", choices=["on", "off"], default="on",
+                        help="with --mvue_dw: SwiGLU's backward writes gate/up's MVUE operand (fusion.swiglu_mvue)")
     parser.add_argument("--grad_accum", type=int, default=1,
                         help="micro-batches per optimizer step (a step's host phases: forward counts the earlier ones)")
     parser.add_argument("--zero", type=int, default=2)

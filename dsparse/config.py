@@ -177,6 +177,8 @@ class FusionConfig:
     interpreter), ``true`` everywhere, ``false`` never. ``rms_norm``, ``swiglu``, ``rope``: which
     blocks; ``min_rows``: inputs of fewer rows run HF's torch code. ``projections``: q/k/v and
     gate/up run as one GEMM each way (:func:`dsparse.nn.fuse_projections`; not under ZeRO-3).
+    ``swiglu_mvue``: with MVUE weight gradients, the fused SwiGLU's backward also writes gate/up's
+    compressed ``S(dYᵀ)`` (:func:`kernels.mvue_compress_swiglu`); false: a pass of its own reads ``dY``.
     """
 
     enabled: bool | str = "auto"
@@ -184,6 +186,7 @@ class FusionConfig:
     swiglu: bool = True
     rope: bool = True
     projections: bool = True
+    swiglu_mvue: bool = True
     # fewer rows (tokens; positions for RoPE) run HF's torch code: a decode step's few rows gain nothing
     # from one fused kernel and pay its launch
     min_rows: int = 256
@@ -195,6 +198,7 @@ class FusionConfig:
         _check_bool("fusion.swiglu", self.swiglu)
         _check_bool("fusion.rope", self.rope)
         _check_bool("fusion.projections", self.projections)
+        _check_bool("fusion.swiglu_mvue", self.swiglu_mvue)
         if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) or self.min_rows < 0:
             raise ValueError(f"fusion.min_rows must be an integer >= 0 (rows below it run HF's torch code), "
                              f"got {self.min_rows!r}")

@@ -331,7 +331,7 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
             model.to(get_accelerator().current_device_name())  # prune on this rank's GPU (DeepSpeed moves it there)
     if fusion.active(get_accelerator().device_name() == "cuda"):
         fuse_model(model, rms_norm=fusion.rms_norm, swiglu=fusion.swiglu, rope=fusion.rope,
-                   min_rows=fusion.min_rows)
+                   min_rows=fusion.min_rows, swiglu_mvue=fusion.swiglu_mvue)
     state = SparseTraining.prepare(model, sparsity, zero_stage)
     if fusion.active(get_accelerator().device_name() == "cuda") and fusion.projections and zero_stage != 3:
         fuse_projections(model)  # after sparsify: sparse or dense siblings alike

@@ -52,6 +52,11 @@ def test_step_merge_pools_repeats_of_a_label(tmp_path):
         json.dump({**row("sparse", [4, 4, 4], 9), "host_syncs": True}, f)
     merge(paths, str(tmp_path / "merged.json"))
     assert json.load(open(tmp_path / "merged.json"))["runs"]["sparse+host-syncs"]["step_s_median"] == 4
+    paths.append(str(tmp_path / "apart.json"))
+    with open(paths[-1], "w") as f:  # MVUE with gate/up's operand from a pass of its own: its own label, vs dense
+        json.dump({**row("sparse", [2.5] * 3, 9), "mvue_dw": True, "swiglu_mvue": False}, f)
+    merge(paths, str(tmp_path / "merged.json"))
+    assert json.load(open(tmp_path / "merged.json"))["vs_dense"]["sparse+mvue+mvue-apart"]["speedup"] == 3 / 2.5
 
 
 def test_idle_gaps_merge_streams_and_group_gaps_by_neighbours():

@@ -83,6 +83,9 @@ def test_other_activations_are_left_alone():
     assert fuse_model(model) == {"rms_norm": 5, "swiglu": 0, "rope": 2}
     assert fuse_model(_llama(), rms_norm=False, rope=False) == {"rms_norm": 0, "swiglu": 2, "rope": 0}
     assert fuse_model(model) == {"rms_norm": 0, "swiglu": 0, "rope": 0}  # fusing twice changes nothing
+    apart = _llama()
+    fuse_model(apart, swiglu_mvue=False)  # gate/up's MVUE operand from a pass of its own
+    assert [m.mvue for m in apart.modules() if type(m).__name__ == "FusedGatedMLP"] == [False, False]
 
 
 def test_fusion_autograd_and_step_config_errors_name_the_fix():
@@ -94,6 +97,9 @@ def test_fusion_autograd_and_step_config_errors_name_the_fix():
         FusionConfig.from_dict({"swiglu": "no"})
     with pytest.raises(ValueError, match="fusion.min_rows must be an integer >= 0"):
         FusionConfig.from_dict({"min_rows": -1})
+    with pytest.raises(ValueError, match="fusion.swiglu_mvue must be true or false"):
+        FusionConfig.from_dict({"swiglu_mvue": "off"})
+    assert FusionConfig.from_dict(None).swiglu_mvue and not FusionConfig.from_dict({"swiglu_mvue": False}).swiglu_mvue
     auto = FusionConfig.from_dict(None)
     assert auto.active(on_cuda=True) and not auto.active(on_cuda=False)
     assert FusionConfig.from_dict({"enabled": True}).active(on_cuda=False)

@@ -232,10 +232,11 @@ class FusedGatedMLP(nn.Module):
     without autograd (inference), their adapters add on inside the gate's pass (:func:`kernels.lowrank_silu_mul`)."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
-                 min_rows: int = MIN_FUSED_ROWS) -> None:
+                 min_rows: int = MIN_FUSED_ROWS, mvue: bool = True) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.min_rows = min_rows
+        self.mvue = mvue  # the backward writes gate/up's MVUE operand (FusionConfig.swiglu_mvue)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .projections import group_of
@@ -244,7 +245,7 @@ class FusedGatedMLP(nn.Module):
         if group is not None and group.fused_is_whole and x.numel() >= self.min_rows * x.shape[-1]:
             if not torch.is_grad_enabled():
                 return self.down_proj(self._gate_inference(group, x))
-            return self.down_proj(_PackedSiluMulFunction.apply(group.fused(x), group))
+            return self.down_proj(_PackedSiluMulFunction.apply(group.fused(x), group if self.mvue else None))
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.numel() < self.min_rows * gate.shape[-1]:
             from kernels import silu_mul_reference
@@ -279,14 +280,15 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 def fuse_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
-               min_rows: int = MIN_FUSED_ROWS) -> dict[str, int]:
+               min_rows: int = MIN_FUSED_ROWS, swiglu_mvue: bool = True) -> dict[str, int]:
     """Fuse ``model``'s HF RMSNorms, SiLU-gated MLPs and rotary embeddings, in place.
 
     RMSNorms and MLPs are swapped for :class:`FusedRMSNorm` / :class:`FusedGatedMLP`; attention
     modules keep their class and gain an instance forward that applies the rotary embedding
     with :mod:`kernels.rope`. A decoder layer's two norms learn which projection reads them
     (:data:`NORM_READERS`), to write into its wide input when it folds adapters (inference).
-    Inputs of fewer than ``min_rows`` rows run HF's torch code. Returns
+    Inputs of fewer than ``min_rows`` rows run HF's torch code; ``swiglu_mvue``: see
+    :class:`dsparse.FusionConfig`. Returns
     how many of each were fused. Other classes (e.g. Gemma's
     ``(1 + w)`` norm, GELU-gated MLPs) are left alone: only classes known to compute exactly
     what the fused kernels compute are touched.
@@ -305,7 +307,8 @@ def fuse_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, rop
                 swaps.append((parent, name, norm))
                 counts["rms_norm"] += 1
             elif swiglu and kind in GATED_MLP_CLASSES and _is_silu(child.act_fn):
-                swaps.append((parent, name, FusedGatedMLP(child.gate_proj, child.up_proj, child.down_proj, min_rows)))
+                swaps.append((parent, name, FusedGatedMLP(child.gate_proj, child.up_proj, child.down_proj, min_rows,
+                                                          swiglu_mvue)))
                 counts["swiglu"] += 1
     for parent, name, module in swaps:
         setattr(parent, name, module)

@@ -124,13 +124,11 @@ def test_swiglu_backward_hands_the_gate_up_group_its_mvue_operand(monkeypatch):
     grads, handed = [], []
     hold = SparseProduct.hold_dw_operand
     monkeypatch.setattr(SparseProduct, "hold_dw_operand", lambda self, *a: handed.append(a[0].shape) or hold(self, *a))
-    for fused_operand in (True, False):
-        if not fused_operand:
-            monkeypatch.setattr(SparseProduct, "mvue_key_for", lambda self, dy2d: None)
+    for fused_operand in (True, False):  # fusion.swiglu_mvue on, then off
         torch.manual_seed(0)
         block = torch.nn.Sequential(LlamaMLP(cfg)).to("cuda", torch.bfloat16)
         sparsify(block, {"backend": "cusparselt", "mvue_dw": True})
-        fuse_model(block, min_rows=0)
+        fuse_model(block, min_rows=0, swiglu_mvue=fused_operand)
         assert fuse_projections(block) == 1
         xi = x.clone().requires_grad_(True)
         block(xi).backward(dout)
