@@ -94,3 +94,24 @@ def test_bad_operands_are_refused_with_the_fix():
         skinny_sparse_mm(packed, x, config={"BLOCK_K": 48})
     with pytest.raises(ValueError, match="SPLIT_K >= 0"):
         skinny_sparse_mm(packed, x, config={"SPLIT_K": -1})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_split_k_replays_in_a_cuda_graph():
+    """Captured (as GraphDecoder captures a decoding step), the split kernel's counters reset on every replay."""
+    packed, _ = _operand(256, 1024, torch.bfloat16, "cuda", seed=5)
+    x = torch.randn(8, 1024, device="cuda").bfloat16()
+    cfg = {"SPLIT_K": 4}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        skinny_sparse_mm(packed, x, config=cfg)  # warm-up off the default stream, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = skinny_sparse_mm(packed, x, config=cfg)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(y, skinny_sparse_mm(packed, x, config=cfg))
