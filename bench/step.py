@@ -263,6 +263,8 @@ def main() -> None:
     parser.add_argument("--result", default=None)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
+    if args.grad_accum < 1:
+        parser.error(f"--grad_accum is micro-batches per optimizer step: 1 or more, got {args.grad_accum}")
     if args.merge:
         merge(args.merge, args.result)
     else:
