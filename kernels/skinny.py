@@ -167,11 +167,10 @@ def skinny_sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor
         if cfg["BLOCK_K"] % 32 or cfg["BLOCK_R"] < 16 or cfg["SPLIT_K"] < 0:
             raise ValueError(f"skinny_sparse_mm: config needs BLOCK_K a multiple of 32 (whole metadata words), "
                              f"BLOCK_R >= 16 (tensor-core tiles) and SPLIT_K >= 0 (0: by occupancy), got {cfg}")
-    cfg = dict(cfg)
     block_t = min(MAX_TOKENS, max(16, next_power_of_2(tokens)))
     grid = (cdiv(rows, cfg["BLOCK_R"]), cdiv(tokens, block_t))
     chunks = cdiv(cols, cfg["BLOCK_K"])
-    splits = min(chunks, cfg.pop("SPLIT_K") or split_k(grid[0] * grid[1], chunks, x2d.device))
+    splits = min(chunks, cfg["SPLIT_K"] or split_k(grid[0] * grid[1], chunks, x2d.device))
     per_split = cdiv(chunks, splits)
     splits = cdiv(chunks, per_split)  # none left empty
     if splits > 1:
@@ -182,7 +181,8 @@ def skinny_sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor
     ieee = x2d.dtype == torch.bfloat16 and _KERNEL.is_interpreted(x2d.device)
     _KERNEL.launch(x2d.device, (*grid, splits), packed, x2d, bias if bias is not None else x2d, y, part, tickets,
                    tokens, rows, cols, x2d.stride(0), y.stride(0), HAS_BIAS=bias is not None, IEEE=ieee,
-                   K_CHUNKS=per_split, SPLIT_K=splits, BLOCK_T=block_t, **cfg)
+                   K_CHUNKS=per_split, SPLIT_K=splits, BLOCK_T=block_t, BLOCK_R=cfg["BLOCK_R"],
+                   BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
