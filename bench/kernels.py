@@ -314,10 +314,10 @@ def bench_swiglu_mvue(tokens: int, inter: int, dtype, device, timer, sweep: bool
     moved = _nbytes(gate_up, dh, dgu, got)  # read [g | u] and dh, write [dg | du] and S compressed
     out = torch.empty_like(gate_up)
     timings = []
-    for cfg in (MVUE_CONFIGS if sweep else [mvue_mod.CONFIG]):
+    for cfg in (MVUE_CONFIGS if sweep else [mvue_mod.SWIGLU_CONFIG]):
         ms = timer(lambda: mvue_compress_swiglu(dh, gate_up, key, tokens, out=out, config=cfg))
         timings.append({"config": cfg, "ms": ms, "gbps": _gbps(moved, ms)})
-    default = next(t for t in timings if t["config"] == mvue_mod.CONFIG) if sweep else timings[0]
+    default = next(t for t in timings if t["config"] == mvue_mod.SWIGLU_CONFIG) if sweep else timings[0]
     best = _best(timings)
     two_ms = timer(two_kernels)
     return {"tokens": tokens, "inter": inter, "kernel_ms": default["ms"], "kernel_gbps": default["gbps"],
