@@ -61,6 +61,12 @@ def kernel_table() -> list[str]:
             lines.append(f"| MVUE S(dYᵀ) written compressed (vs a copy of dY: the bandwidth bound) | {r['tokens']} tokens x "
                          f"{r['out']} {r['dtype']} | {r['kernel_ms']:.3f} ms | {r['copy_ms']:.3f} ms | "
                          f"{r['copy_ms'] / r['kernel_ms']:.2f}x |")
+        sm = data.get("swiglu_mvue")
+        if sm:
+            best = f" (best swept {sm['best_ms']:.3f})" if sm["best_ms"] < 0.97 * sm["kernel_ms"] else ""
+            lines.append(f"| SwiGLU backward writing gate/up's MVUE S(dYᵀ) compressed, one pass (vs silu_mul_backward, "
+                         f"then mvue_compress) | {sm['tokens']} tokens, I = {sm['inter']} {sm['dtype']} | "
+                         f"{sm['kernel_ms']:.3f} ms{best} | {sm['two_kernels_ms']:.3f} ms | {sm['speedup']:.2f}x |")
         for r in data.get("skinny", []):
             lines.append(f"| x Aᵀ for few tokens straight from the compressed A (vs F.linear on the dense A; CUDA "
                          f"graph replays) | {r['tokens']} tokens x {r['in']} -> {r['out']} {r['dtype']} | "
