@@ -9,6 +9,8 @@
 #   layer        one layer dense vs sparse (MVUE dW included)
 #   kernels      the Triton kernels vs their torch references
 #   skinny       the few-token kernel's tile and split-k sweep on llama-1b's decode products (kernels_<gpu>_skinny.json)
+#   skinny-mma   the few-token kernel on the sparse tensor cores (kernels.skinny_mma, CUDA C++ built on first use):
+#                its GPU tests, then the skinny sweep with it beside the Triton kernel (kernels_<gpu>_skinny_mma.json)
 #   overhead     host time per call of one layer's products, and its profile
 #   fp8          FP8 (e4m3) 2:4 products vs bf16 and dense FP8
 #   step         ~1B LLaMA, ZeRO-2 bf16, one GPU: dense vs dsparse; also with torch's threaded backward, and
@@ -79,6 +81,8 @@ for part in "$@"; do
     layer)        timeout 200 python3 -m bench.layer ;;
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
     skinny)       timeout 150 python3 -m bench.kernels --sections skinny --out bench/results/kernels_${gpu}_skinny.json ;;
+    skinny-mma)   timeout 240 python3 -m pytest -q -m gpu kernels/tests/test_kernels_skinny_mma.py
+                  timeout 150 python3 -m bench.kernels --sections skinny --out bench/results/kernels_${gpu}_skinny_mma.json ;;
     overhead)     timeout 120 python3 -m bench.overhead ;;
     fp8)          timeout 150 python3 -m bench.fp8 ;;
     step)         step 1 llama-1b dense --mode dense; step 1 llama-1b sparse --mode sparse

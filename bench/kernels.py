@@ -289,7 +289,29 @@ def bench_skinny(tokens: int, in_f: int, out_f: int, dtype, device, timer, sweep
     return {"tokens": tokens, "in": in_f, "out": out_f, "kernel_ms": default["ms"], "kernel_gbps": default["gbps"],
             "dense_ms": dense_ms, "dense_gbps": _gbps(_nbytes(dense, x, y), dense_ms),
             "speedup": dense_ms / default["ms"], "best_config": best["config"], "best_ms": best["ms"],
-            "best_speedup": dense_ms / best["ms"], "sweep": timings}
+            "best_speedup": dense_ms / best["ms"], "sweep": timings,
+            **_bench_skinny_mma(packed, x, moved, dense_ms, timer, sweep)}
+
+
+def _bench_skinny_mma(packed: torch.Tensor, x: torch.Tensor, moved: int, dense_ms: float, timer, sweep: bool) -> dict:
+    """The same product on the sparse tensor cores (``kernels.skinny_mma``, where the device has them), checked
+    against the reference, over ``warps_k`` when sweeping; keys ``mma_*`` (none where it does not run)."""
+    from kernels import skinny_sparse_mm_reference
+    from kernels import skinny_mma as mma_mod
+
+    if not (mma_mod.available(x.device) and x.shape[0] <= mma_mod.MAX_TOKENS):
+        return {}
+    y = mma_mod.skinny_mma_sparse_mm(packed, x)
+    err = ((y.float() - skinny_sparse_mm_reference(packed, x).float()).norm() / y.float().norm()).item()
+    assert err < 1e-2, f"skinny_mma_sparse_mm differs from its reference: relative error {err:.3g}"
+    timings = []
+    for warps_k in ((1, 2, 4, 8) if sweep else (mma_mod.WARPS_K,)):
+        ms = timer(lambda w=warps_k: mma_mod.skinny_mma_sparse_mm(packed, x, warps_k=w, validate=False))
+        timings.append({"warps_k": warps_k, "ms": ms, "gbps": _gbps(moved, ms)})
+    default = next(t for t in timings if t["warps_k"] == mma_mod.WARPS_K)
+    best = min(timings, key=lambda t: t["ms"])
+    return {"mma_ms": default["ms"], "mma_gbps": default["gbps"], "mma_speedup": dense_ms / default["ms"],
+            "mma_best_warps_k": best["warps_k"], "mma_best_ms": best["ms"], "mma_sweep": timings}
 
 
 def bench_swiglu_mvue(tokens: int, inter: int, dtype, device, timer, sweep: bool) -> dict:
@@ -458,6 +480,10 @@ def main() -> None:
             print(f"skinny_sparse_mm {shape} {args.dtype}: {k['kernel_ms'] * 1e3:.1f} us ({k['kernel_gbps']:.0f} GB/s) vs "
                   f"dense {k['dense_ms'] * 1e3:.1f} us ({k['dense_gbps']:.0f} GB/s) = {k['speedup']:.2f}x; best "
                   f"{k['best_config']} {k['best_ms'] * 1e3:.1f} us = {k['best_speedup']:.2f}x", flush=True)
+            if "mma_ms" in k:
+                print(f"skinny_mma_sparse_mm {shape} {args.dtype}: {k['mma_ms'] * 1e3:.1f} us ({k['mma_gbps']:.0f} GB/s) "
+                      f"= {k['mma_speedup']:.2f}x of dense; best warps_k {k['mma_best_warps_k']} "
+                      f"{k['mma_best_ms'] * 1e3:.1f} us", flush=True)
         payload["skinny"] = skinny
     if "fused" in sections:
         fused = {"dtype": args.dtype, **bench_fused(*fused_shape, dtype, device, timer)}

@@ -71,6 +71,11 @@ def kernel_table() -> list[str]:
             lines.append(f"| x Aᵀ for few tokens straight from the compressed A (vs F.linear on the dense A; CUDA "
                          f"graph replays) | {r['tokens']} tokens x {r['in']} -> {r['out']} {r['dtype']} | "
                          f"{r['kernel_ms'] * 1e3:.1f} µs | {r['dense_ms'] * 1e3:.1f} µs | {r['speedup']:.2f}x |")
+            if "mma_ms" in r:
+                lines.append(f"| the same on the sparse tensor cores (kernels.skinny_mma, CUDA C++; warps_k "
+                             f"{r['mma_best_warps_k']} best) | {r['tokens']} tokens x {r['in']} -> {r['out']} "
+                             f"{r['dtype']} | {r['mma_ms'] * 1e3:.1f} µs | {r['dense_ms'] * 1e3:.1f} µs | "
+                             f"{r['mma_speedup']:.2f}x |")
         fused = data.get("fused")
         if fused:
             shape = f"{fused['tokens']} tokens, {fused['hidden']} / {fused['inter']} {fused['dtype']}"

@@ -18,11 +18,13 @@
   into cuSPARSELt's compressed layout (:mod:`kernels.cslt_meta`); :func:`mvue_compress_swiglu`
   does so for a gate/up projection inside SwiGLU's backward pass.
 * :func:`skinny_sparse_mm` — ``x @ Aᵀ (+ bias)`` for few tokens (decoding) straight from cuSPARSELt's
-  compressed ``A``: the weight read at 9/16 of its dense bytes.
+  compressed ``A``: the weight read at 9/16 of its dense bytes; :func:`skinny_mma_sparse_mm` does it on
+  the sparse tensor cores (CUDA C++ in ``csrc/``, built on first use; CUDA only).
 
-Each has a pure-torch ``*_reference`` next to it. The kernels run compiled on CUDA
-tensors and through the Triton interpreter on CPU tensors (tests only: slow), whatever
-``TRITON_INTERPRET`` said when this package was imported (see :mod:`kernels._triton`).
+Each has a pure-torch ``*_reference`` next to it (:func:`skinny_mma_sparse_mm` shares
+:func:`skinny_sparse_mm`'s). The Triton kernels run compiled on CUDA tensors and through the
+Triton interpreter on CPU tensors (tests only: slow), whatever ``TRITON_INTERPRET`` said when
+this package was imported (see :mod:`kernels._triton`).
 None of them builds an autograd graph.
 """
 from .gather import gather_kept, gather_kept_reference
@@ -35,6 +37,7 @@ from .rope import rope_backward, rope_forward, rope_reference
 from .masks import transpose_keep_and_slots, transpose_keep_and_slots_reference
 from .refresh import transpose_values, transpose_values_reference
 from .skinny import skinny_sparse_mm, skinny_sparse_mm_reference
+from .skinny_mma import skinny_mma_sparse_mm
 
 __all__ = [
     "gather_kept",
@@ -64,4 +67,5 @@ __all__ = [
     "rope_reference",
     "skinny_sparse_mm",
     "skinny_sparse_mm_reference",
+    "skinny_mma_sparse_mm",
 ]

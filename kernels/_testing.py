@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["random_kept", "random_keep_t", "bits"]
+__all__ = ["random_kept", "random_keep_t", "compressed_operand", "bits"]
 
 
 def _positions_2_4(scores: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,18 @@ def random_keep_t(out_features: int, in_features: int, device="cpu", seed: int =
     """An arbitrary bool ``keep_t`` ``(out, in/2)``, independent of any values."""
     gen = torch.Generator().manual_seed(seed)
     return (torch.rand(out_features, in_features // 2, generator=gen) < 0.5).to(device)
+
+
+def compressed_operand(rows: int, cols: int, dtype: torch.dtype, device="cpu", mode: str = "randn",
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, dense)``: a random 2:4 ``(rows, cols)`` weight (:func:`random_kept`'s ``mode``) compressed
+    as cuSPARSELt lays it out (:mod:`kernels.cslt_meta`), and the dense matrix it holds."""
+    from dsparse import nm
+
+    from .cslt_meta import compress_reference
+
+    values, idx = random_kept(rows, cols, dtype, "cpu", mode, seed)
+    return compress_reference(values, idx).to(device), nm.scatter_kept(values, idx, 2, 4).to(device)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,8 @@
 import pytest
 import torch
 
-from dsparse import nm
 from kernels import skinny_sparse_mm, skinny_sparse_mm_reference
-from kernels._testing import random_kept
-from kernels.cslt_meta import compress_reference
-
-
-def _operand(rows, cols, dtype, device, mode="randn", seed=0):
-    values, idx = random_kept(rows, cols, dtype, "cpu", mode, seed)
-    return compress_reference(values, idx).to(device), nm.scatter_kept(values, idx, 2, 4).to(device)
+from kernels._testing import compressed_operand as _operand
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
