@@ -55,14 +55,15 @@ def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str
                     plans.set_plan(role, tokens, k, rows, dtype, plan)
                     plans.save_plans(path)
                     default = next(t.get("ms", float("nan")) for t in timings if plan_of(t) == plans.DEFAULT_PLAN)
-                    dense, skinny = (next((t["ms"] for t in timings if t[way] and "ms" in t), float("nan"))
-                                     for way in ("dense", "skinny"))
+                    dense, skinny, mma = (next((t["ms"] for t in timings if picked(t) and "ms" in t), float("nan"))
+                                          for picked in (lambda t: t["dense"], lambda t: t["skinny"] and not t["mma"],
+                                                         lambda t: t["mma"]))
                     best = min(t["ms"] for t in timings if "ms" in t)
                     table.append({"role": role, "tokens": tokens, "k": k, "n": rows, "dtype": dname,
-                                  "plan": vars(plan), "default_ms": default, "dense_ms": dense, "skinny_ms": skinny,
+                                  "plan": vars(plan), "default_ms": default, "dense_ms": dense, "skinny_ms": skinny, "mma_ms": mma,
                                   "best_ms": best, "timings": timings})
                     print(f"{role:3s} T={tokens:6d} k={k:6d} n={rows:6d} {dname}: default {default:.3f} ms, dense "
-                          f"{dense:.3f} ms, skinny {skinny:.3f} ms, best {best:.3f} ms with {plan} (kernels; "
+                          f"{dense:.3f} ms, skinny {skinny:.3f} ms (sparse tensor cores {mma:.3f}), best {best:.3f} ms with {plan} (kernels; "
                           f"{time.perf_counter() - start:.1f} s)", flush=True)
     return table
 

@@ -47,14 +47,16 @@ def test_plans_round_trip_through_json_with_the_dense_and_skinny_flags(tmp_path)
     plans.set_plan("fwd", 8192, 768, 3072, torch.bfloat16, Plan(6, True, dense=True))
     plans.set_plan("dx", 8192, 3072, 768, torch.bfloat16, Plan(17, True))
     plans.set_plan("fwd", 8, 768, 3072, torch.bfloat16, Plan(3, True, dense=True, skinny=True))
+    plans.set_plan("fwd", 8, 3072, 768, torch.bfloat16, Plan(2, True, skinny=True, mma=True))
     path = tmp_path / "saved.json"
     plans.save_plans(path)
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
     plans.clear_plans()
-    assert plans.load_plans(path) == 3
+    assert plans.load_plans(path) == 4
     assert plans.plan_for("fwd", 8192, 768, 3072, torch.bfloat16) == Plan(6, True, dense=True)
     assert plans.plan_for("dx", 8192, 3072, 768, torch.bfloat16) == Plan(17, True)
     assert plans.plan_for("fwd", 8, 768, 3072, torch.bfloat16) == Plan(3, True, dense=True, skinny=True)
+    assert plans.plan_for("fwd", 8, 3072, 768, torch.bfloat16) == Plan(2, True, skinny=True, mma=True)
 
 
 def test_plan_files_from_before_the_dense_and_skinny_flags_still_load(tmp_path):

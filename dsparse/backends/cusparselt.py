@@ -273,16 +273,21 @@ def _sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | Non
 
     Runs on the cached cuSPARSELt plans of :mod:`.cslt_binding` where that binding works,
     else on ``torch._cslt_sparse_mm`` (same descriptors and algorithm, same result); a
-    ``skinny`` plan on :func:`kernels.skinny_sparse_mm` where it reads the operand.
+    ``skinny`` plan on :func:`kernels.skinny_sparse_mm` where it reads the operand (``mma``: on
+    :func:`kernels.skinny_mma_sparse_mm`, where the token count and ``x2d``'s alignment let it).
     """
     from . import cslt_binding
 
     if not x2d.is_contiguous():  # (contiguous() itself is a dispatched op: host time a decoding step pays)
         x2d = x2d.contiguous()
     if plan.skinny and skinny_applies(packed.shape[0], x2d.shape[1], x2d.dtype, x2d.device):
-        from kernels import skinny_sparse_mm
+        from kernels import skinny_mma, skinny_sparse_mm
 
-        return skinny_sparse_mm(packed, x2d, bias, validate=False)  # shapes and dtypes hold: the backend made them
+        # shapes and dtypes hold: the backend made them (a plan tuned at T tokens serves up to 2T: the
+        # sparse tensor cores' kernel takes up to 16, from a 4-byte aligned x2d)
+        if plan.mma and x2d.shape[0] <= skinny_mma.MAX_TOKENS and x2d.data_ptr() % 4 == 0:
+            return skinny_mma.skinny_mma_sparse_mm(packed, x2d, bias, validate=False)
+        return skinny_sparse_mm(packed, x2d, bias, validate=False)
     tokens = x2d.shape[0]
     pad = (-tokens) % _TOKEN_MULTIPLE
     dense = torch.nn.functional.pad(x2d, (0, 0, 0, pad)) if pad else x2d

@@ -33,6 +33,7 @@ class Plan:
     transpose_result: bool = False
     dense: bool = False  # faster as a dense GEMM on the decompressed operand (the rest: the best sparse way)
     skinny: bool = False  # dsparse's few-token kernel on the compressed operand (kernels.skinny_sparse_mm)
+    mma: bool = False  # with skinny: its CUDA kernel on the sparse tensor cores (kernels.skinny_mma_sparse_mm)
 
 
 DEFAULT_PLAN = Plan()
@@ -165,7 +166,7 @@ def load_plans(path: str | os.PathLike) -> int:
     for row in rows:
         set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"],
                  Plan(int(row["alg_id"]), bool(row["transpose_result"]), bool(row.get("dense", False)),
-                      bool(row.get("skinny", False))))
+                      bool(row.get("skinny", False)), bool(row.get("mma", False))))
     _loaded = True
     return len(rows)
 

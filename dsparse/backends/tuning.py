@@ -4,7 +4,8 @@ A product is ``x2d (tokens, k) @ Aᵀ`` with ``A (rows, k)`` 2:4 along ``k``: th
 (``A = W``) or the input gradient (``A = W̃ᵀ``). The candidates are cuSPARSELt's
 algorithms with the result written transposed or not, run exactly as the backend runs
 them (:func:`dsparse.backends.cusparselt._sparse_mm`), up to :data:`kernels.skinny.MAX_TOKENS`
-tokens dsparse's few-token kernel on the same operand (:func:`kernels.skinny_sparse_mm`),
+tokens dsparse's few-token kernels on the same operand (:func:`kernels.skinny_sparse_mm`, and
+:func:`kernels.skinny_mma_sparse_mm` on the sparse tensor cores up to its 16 tokens),
 and a dense GEMM on the decompressed ``A`` (what dsparse falls back to where sparse loses,
 e.g. on small layers that are launch-bound). A short eager screen times every cuSPARSELt
 algorithm with the transposed result and algorithm 0 untransposed (on an H100 the
@@ -48,6 +49,7 @@ def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: b
     ``graph``: time the finalists as CUDA graph replays (kernels alone) instead of eagerly.
     ``dense``: include the dense GEMM as a candidate.
     """
+    from kernels import skinny_mma
     from kernels.skinny import MAX_TOKENS
 
     from .cusparselt import _compress_slots, _sparse_mm, skinny_applies
@@ -68,6 +70,8 @@ def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: b
     candidates = [Plan(alg, True) for alg in range(alg_count(packed, x))] + [Plan(0, False)]
     if tokens <= MAX_TOKENS and skinny_applies(rows, k, dtype, device):
         candidates.append(Plan(skinny=True))
+        if tokens <= skinny_mma.MAX_TOKENS and skinny_mma.available(device):
+            candidates.append(Plan(skinny=True, mma=True))
     return _pick(candidates + ([Plan(dense=True)] if dense else []), run, want, graph)
 
 
@@ -103,14 +107,14 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
     table: list[dict] = []
     for plan in candidates:
         row = {"alg_id": plan.alg_id, "transpose_result": plan.transpose_result, "dense": plan.dense,
-               "skinny": plan.skinny}
+               "skinny": plan.skinny, "mma": plan.mma}
         try:
             err = ((run(plan).float() - want).norm() / want.norm()).item()
             if err > MAX_ERROR:
                 row["error"] = f"wrong result: relative error {err:.2g} from algorithm 0"
             else:
                 row["screen_ms"] = time_ms(lambda: run(plan), **SCREEN)
-        except RuntimeError as e:  # an algorithm this shape does not support
+        except RuntimeError as e:  # an algorithm this shape does not support (or an extension that did not build)
             row["error"] = str(e).splitlines()[0]
         table.append(row)
     screened = sorted((r for r in table if "screen_ms" in r), key=lambda r: r["screen_ms"])
@@ -124,9 +128,9 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
     best_sparse = min((r for r in finalists if not r["dense"]), key=lambda r: r["ms"])
     best = min(finalists, key=lambda r: r["ms"])
     return Plan(best_cslt["alg_id"], best_cslt["transpose_result"], dense=best["dense"],
-                skinny=best_sparse["skinny"]), table
+                skinny=best_sparse["skinny"], mma=best_sparse.get("mma", False)), table
 
 
 def plan_of(row: dict) -> Plan:
     """The plan a row of a tuning table timed."""
-    return Plan(row["alg_id"], row["transpose_result"], row["dense"], row.get("skinny", False))
+    return Plan(row["alg_id"], row["transpose_result"], row["dense"], row.get("skinny", False), row.get("mma", False))

@@ -34,10 +34,12 @@ def test_tuning_times_sparse_and_dense_and_keeps_a_sparse_fallback(rows, k, toke
 @pytest.mark.parametrize("rows, k", [(2048, 2048), (5632, 2048)])
 def test_few_tokens_time_the_skinny_kernel_and_keep_the_fastest_sparse_way(rows, k):
     plan, table = tune_product(rows, k, 8, torch.bfloat16)
-    skinny = next(r for r in table if r["skinny"])
-    assert "error" not in skinny and "ms" in skinny  # its result matched algorithm 0 and it was a finalist
+    skinny = [r for r in table if r["skinny"]]  # the Triton kernel, then the sparse tensor cores' one
+    assert [r["mma"] for r in skinny] == [False, True]
+    assert all("error" not in r and "ms" in r for r in skinny)  # their results matched algorithm 0; finalists
     cslt = min(r["ms"] for r in table if "ms" in r and not (r["dense"] or r["skinny"]))
-    assert plan.skinny == (skinny["ms"] < cslt)
+    fastest = min(skinny, key=lambda r: r["ms"])
+    assert plan.skinny == (fastest["ms"] < cslt) and plan.mma == (plan.skinny and fastest["mma"])
 
 
 def test_a_skinny_plan_runs_a_frozen_layer_as_its_cusparselt_plan_does():
@@ -48,10 +50,10 @@ def test_a_skinny_plan_runs_a_frozen_layer_as_its_cusparselt_plan_does():
     layer.prepare_inference(release_state=True)
     assert skinny_applies(1024, 2048, torch.bfloat16, x.device)  # else the skinny plan runs cuSPARSELt
     outs = []
-    for plan in (Plan(0, False), Plan(0, False, skinny=True)):
+    for plan in (Plan(0, False), Plan(0, False, skinny=True), Plan(0, False, skinny=True, mma=True)):
         plans.set_plan("fwd", 8, 2048, 1024, torch.bfloat16, plan)
         outs.append(layer(x))
-    assert _rel(outs[0], want) < 1e-2 and _rel(outs[1], outs[0]) < 1e-2
+    assert _rel(outs[0], want) < 1e-2 and _rel(outs[1], outs[0]) < 1e-2 and _rel(outs[2], outs[0]) < 1e-2
 
 
 def test_an_unseen_shape_is_tuned_once_and_cached(tmp_path, monkeypatch):
