@@ -79,3 +79,19 @@ def test_reads_rows_at_their_stride_and_replays_in_a_cuda_graph_bit_for_bit():
         graph.replay()
         assert torch.equal(y, skinny_mma_sparse_mm(packed, x))
     torch.testing.assert_close(y.float(), x.float() @ dense.float().t(), rtol=2 ** -7, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_sparse_cores
+def test_one_hot_tokens_read_back_the_operands_columns_exactly():
+    """Token ``t`` = column ``k``'s unit vector reads back ``A[:, k]`` (one nonzero product: exact), so every
+    kept value and metadata nibble is checked where it lands; a failure names the (row % 16, column % 32)
+    positions that came out wrong, which locates a fragment or metadata layout error."""
+    rows, cols = 64, 256
+    _, dense = compressed_operand(rows, cols, torch.bfloat16, "cuda", mode="random_mask", seed=7)
+    packed = torch._cslt_compress(dense)
+    eye = torch.eye(cols, device="cuda", dtype=torch.bfloat16)
+    got = torch.cat([skinny_mma_sparse_mm(packed, eye[k:k + MAX_TOKENS]) for k in range(0, cols, MAX_TOKENS)])
+    wrong = (got.t() != dense).nonzero()
+    where = sorted({(r % 16, c % 32) for r, c in wrong.tolist()})
+    assert not where, f"{len(wrong)} entries differ, at (row % 16, column % 32): {where[:40]}"
