@@ -39,7 +39,8 @@
 #   memory       a 7B-shaped 8-layer slice, 1x2048 tokens, activation checkpointing: model state dominates
 #   infer        prefill/decode of exported models vs dense, with each prefill's profile; adapters folded into the
 #                sparse operand, and (rows *_added) multiply-added after the product
-#   infer-graphs the same without profiles or unfolded adapters (infer_<gpu>_graphs.json)
+#   infer-graphs the same without profiles or unfolded adapters, with the captured decoding steps running the fused
+#                kernels and HF's code (infer_<gpu>_graphs_fusion_{on,off}.json)
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
 #   convergence-mvue  a shorter run (300 steps): dense vs dsparse vs dsparse with MVUE weight gradients
 #   nccl         the 2-GPU engine test and step benchmark, with one GPU of the same host for scale (needs 2 GPUs)
@@ -153,7 +154,8 @@ for part in "$@"; do
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;
     infer)        timeout 400 python3 -m bench.infer --profile --fold on,off ;;
-    infer-graphs) timeout 200 python3 -m bench.infer --fold on --out bench/results/infer_${gpu}_graphs.json ;;
+    infer-graphs) for f in on off; do timeout 260 python3 -m bench.infer --fold on --graph_fusion $f \
+                    --out bench/results/infer_${gpu}_graphs_fusion_$f.json; done ;;
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
     convergence-mvue) timeout 330 python3 -m bench.convergence --gpus 1 --modes dense,dsparse,dsparse_mvue \
                     --max_steps 300 --out bench/results/convergence_${gpu}_mvue.json ;;

@@ -2,7 +2,9 @@
 
 Decoding is timed twice: through ``generate`` (eager steps: on a slow host, the host's time) and
 through :class:`dsparse.decode.GraphDecoder` (a static cache, each step a CUDA graph replay: the
-GPU's time, as serving stacks run it).
+GPU's time, as serving stacks run it). The latter is also timed for its first token alone (the
+prompt's eager prefill), which gives a decoding step's own time: ``decode_graph_step_ms``, the
+time per output token that serving reports apart from the time to the first.
 
 Each sparse variant goes through :func:`dsparse.export.export_model` and
 :func:`dsparse.export.load_for_inference` (cuSPARSELt forward operand only, adapters folded
@@ -10,8 +12,8 @@ into it unless ``--fold off``, then multiply-added onto its output; ``--fold on,
 both from one export), with adapter ranks 0, 1.56% and 6.25% of each layer's smaller dimension.
 Weights are random (speed does not depend on them). Ratios are against the dense model
 measured in the same process. Dense and sparse models alike run the fused RMSNorm / SwiGLU /
-RoPE kernels (:func:`dsparse.fuse_model`; the prefill, not the few-row decode steps) unless
-``--fusion off``, and q/k/v and gate/up as one product each (:func:`dsparse.fuse_projections`)
+RoPE kernels (:func:`dsparse.fuse_model`; the prefill, and the few-row decoding steps only where
+CUDA graphs replay them, unless ``--graph_fusion off``) unless ``--fusion off``, and q/k/v and gate/up as one product each (:func:`dsparse.fuse_projections`)
 unless ``--projections off``.
 
     python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 16
@@ -60,14 +62,19 @@ def measure(model, args, device) -> dict:
         generate = lambda: model.generate(short, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,  # noqa: E731
                                           do_sample=False, pad_token_id=0)
         decode = time_ms(generate, warmup=1, iters=max(3, args.iters // 3), inner=1)
-        # the same greedy decoding on a static cache, each step a CUDA graph replay (as serving stacks run it)
-        decoder = GraphDecoder(model, args.batch, args.decode_prompt + args.new_tokens)
-        decode_graph = time_ms(lambda: decoder(short, args.new_tokens), warmup=1, iters=max(3, args.iters // 3),
-                               inner=1)
+        # the same greedy decoding on a static cache, each step a CUDA graph replay (as serving stacks run it);
+        # timed for the first token alone too (the prompt's eager prefill), so a step's time is the difference
+        decoder = GraphDecoder(model, args.batch, args.decode_prompt + args.new_tokens,
+                               fused_rows=1 if args.graph_fusion == "on" else None)
+        decode_graph = time_ms(lambda: decoder(short, args.new_tokens), warmup=1, iters=args.iters, inner=1)
+        first_token = time_ms(lambda: decoder(short, 1), warmup=1, iters=args.iters, inner=1)
+    step = (decode_graph - first_token) / (args.new_tokens - 1)
     result = {"prefill_ms": prefill, "prefill_tokens_per_s": args.batch * args.prompt / prefill * 1e3,
               "decode_ms": decode, "decode_tokens_per_s": args.batch * args.new_tokens / decode * 1e3,
               "decode_graph_ms": decode_graph,
               "decode_graph_tokens_per_s": args.batch * args.new_tokens / decode_graph * 1e3,
+              "decode_graph_first_token_ms": first_token, "decode_graph_step_ms": step,
+              "decode_graph_step_tokens_per_s": args.batch / step * 1e3,
               "weight_gib": weight_bytes(model) / 2**30, "fused_blocks": fused_counts(model)}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -106,6 +113,7 @@ def _write(results: dict, args: argparse.Namespace) -> None:
     ratios = {name: {"prefill_speedup": base["prefill_ms"] / r["prefill_ms"],
                      "decode_speedup": base["decode_ms"] / r["decode_ms"],
                      "decode_graph_speedup": base["decode_graph_ms"] / r["decode_graph_ms"],
+                     "decode_graph_step_speedup": base["decode_graph_step_ms"] / r["decode_graph_step_ms"],
                      "weight_memory_ratio": r["weight_gib"] / base["weight_gib"]}
               for name, r in results.items() if name != "dense"}
     print(ratios, flush=True)
@@ -131,12 +139,18 @@ def main() -> None:
     parser.add_argument("--fold", default="on", choices=["on", "off", "on,off"],
                         help="adapters folded into the sparse forward operand (on), multiply-added onto its output "
                              "(off: rows named *_added), or each in turn from one export (on,off)")
+    parser.add_argument("--graph_fusion", choices=["on", "off"], default="on",
+                        help="CUDA-graph decoding runs the fused kernels on its few-row steps too (on: GraphDecoder's "
+                             "fused_rows=1) or HF's code below fusion.min_rows, as eager decoding does (off)")
     parser.add_argument("--logits", choices=["last", "all"], default="last",
                         help="the prefill's logits: the last position's (what generate computes; the default) or "
                              "every position's (runs before session 14 did: the LM head over all 16384 tokens)")
     parser.add_argument("--profile", action="store_true", help="also one prefill and a decoding step per model under torch.profiler, the step under cProfile")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new_tokens must be at least 2: a decoding step's time is that of new_tokens tokens less "
+                     "that of the first")
     if args.profile and not args.device.startswith("cuda"):
         parser.error("--profile profiles CUDA kernels: it needs --device cuda")
     fuse = fuse_model if args.fusion == "on" else (lambda model: None)

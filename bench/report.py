@@ -156,16 +156,20 @@ def infer_table() -> list[str]:
         adapters = {("on",): "folded into the sparse operand", ("off",): "multiply-added onto the sparse output"}.get(
             tuple(folds), "folded into the sparse operand, `_added` rows multiply-added onto its output")
         logits = "last position's logits" if a.get("logits") == "last" else "every position's logits"
+        if a.get("graph_fusion") == "on":  # since session 17: captured decoding steps run the fused kernels too
+            fused += " (decoding steps too, under CUDA graphs)"
         lines += [f"**Inference** (`{name}`; {a['model']}, batch {a['batch']}, prefill {a['prompt']} tokens "
                   f"({logits}), decode {a['new_tokens']} tokens{fused}; adapters {adapters}; "
                   f"{_env(data['environment'])})",
                   *_provenance(data),
-                  "", "| model | prefill | decode (generate) | decode (CUDA graphs) | weight memory |",
-                  "|---|---|---|---|---|"]
+                  "", "| model | prefill | decode (generate) | decode (CUDA graphs) | decoding step (CUDA graphs) "
+                  "| weight memory |", "|---|---|---|---|---|---|"]
         for variant, r in data["vs_dense"].items():
-            graphs = f"{r['decode_graph_speedup']:.2f}x" if "decode_graph_speedup" in r else "-"  # since session 15
+            # CUDA-graph decoding since session 15, its step alone (first token's time taken off) since session 17
+            graphs, step = (f"{r[key]:.2f}x" if key in r else "-"
+                            for key in ("decode_graph_speedup", "decode_graph_step_speedup"))
             lines.append(f"| {variant} | {r['prefill_speedup']:.2f}x | {r['decode_speedup']:.2f}x | {graphs} | "
-                         f"{r['weight_memory_ratio']:.2f}x |")
+                         f"{step} | {r['weight_memory_ratio']:.2f}x |")
         lines.append("")
     return lines
 

@@ -9,14 +9,25 @@ dense or exported by :mod:`dsparse.export` (whose frozen products, cuSPARSELt's 
 whose write position is a device tensor that each replay advances, so the captured step needs
 no host input. The prefill runs eagerly, as ``generate`` runs it.
 
+A fused model (:func:`dsparse.fuse_model`) runs HF's torch code below ``fusion.min_rows`` rows,
+because in an eager decoding step a Triton launch costs more host time than it saves. A replay
+issues no launches, so the decoder runs the fused kernels from ``fused_rows`` rows on
+(:func:`dsparse.nn.fused_from`): one RMSNorm kernel in place of seven torch ops, one RoPE
+kernel per operand in place of the rotate-half's ten. Its eager steps do the same, so both
+compute the same tokens.
+
 On the CPU (or with ``graphs=False``) the same steps run eagerly: the tests check the tokens
 against ``generate``'s there.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import StaticCache
+
+from .nn.fused import fused_from
 
 __all__ = ["GraphDecoder"]
 
@@ -26,11 +37,15 @@ class GraphDecoder:
     and ``prompt_len + new_tokens <= max_len`` (the static cache's length).
 
     ``graphs=None`` captures the step on CUDA and runs it eagerly elsewhere. Capture happens on the
-    first call (after two eager warm-up steps, which also tune any product plans the step needs).
+    first call (after two eager warm-up steps, which also tune any product plans the step needs and
+    compile the kernels). ``fused_rows``: the row count from which fused modules run their kernels
+    while the decoder runs the model (None: each module's own ``min_rows``).
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, graphs: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, graphs: bool | None = None,
+                 fused_rows: int | None = 1) -> None:
         self.model, self.batch, self.max_len = model, batch, max_len
+        self._fusion = fused_from(fused_rows) if fused_rows is not None else contextlib.nullcontext()
         device = next(model.parameters()).device
         self.graphs = device.type == "cuda" if graphs is None else graphs
         if self.graphs and device.type != "cuda":
@@ -71,15 +86,16 @@ class GraphDecoder:
             raise ValueError(f"GraphDecoder: built for {self.batch} sequences of up to {self.max_len} tokens, got "
                              f"{prompt.shape[0]} prompts of {prompt.shape[1]} tokens and {new_tokens} new tokens "
                              "(new_tokens >= 1); build another decoder for other sizes")
-        if self.graphs and self._graph is None:
-            self._capture(prompt)
-        self._prefill(prompt)
-        out = torch.empty(self.batch, new_tokens, dtype=torch.long, device=self.token.device)
-        out[:, 0:1] = self.token
-        for i in range(1, new_tokens):
-            if self._graph is not None:
-                self._graph.replay()
-            else:
-                self._step()
-            out[:, i:i + 1] = self.token
+        with self._fusion:
+            if self.graphs and self._graph is None:
+                self._capture(prompt)
+            self._prefill(prompt)
+            out = torch.empty(self.batch, new_tokens, dtype=torch.long, device=self.token.device)
+            out[:, 0:1] = self.token
+            for i in range(1, new_tokens):
+                if self._graph is not None:
+                    self._graph.replay()
+                else:
+                    self._step()
+                out[:, i:i + 1] = self.token
         return out

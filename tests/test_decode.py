@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dsparse import sparsify
+from dsparse import fuse_model, sparsify
 from dsparse.decode import GraphDecoder
+from dsparse.nn.fused import _min_rows
 from dsparse.export import export_model, load_for_inference
 
 
@@ -37,6 +38,21 @@ def test_static_cache_decoding_gives_generates_tokens(tmp_path, sparse):
     assert torch.equal(decoder(prompt, 9), want)  # the cache is reset between calls
     other = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(2))
     assert torch.equal(decoder(other, 9), _generate(model, other, 9))
+
+
+@pytest.mark.parametrize("fused_rows", [1, None])
+def test_a_fused_models_decoding_steps_run_the_kernels_from_fused_rows(fused_rows):
+    """The decoder runs a fused model's kernels on its few-row steps (fused_rows=1; the Triton interpreter
+    here) or leaves each module's threshold (None), and gives generate's tokens (HF's code per step) either way."""
+    model = _llama()
+    fuse_model(model)  # the default threshold (256 rows) sends generate's decoding steps to HF's code
+    seen = []
+    model.model.norm.register_forward_pre_hook(lambda module, args: seen.append(_min_rows(module.min_rows)))
+    prompt = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(3))
+    want = _generate(model, prompt, 4)
+    seen.clear()
+    assert torch.equal(GraphDecoder(model, batch=2, max_len=12, fused_rows=fused_rows)(prompt, 4), want)
+    assert set(seen) == {1 if fused_rows else 256}
 
 
 def test_sizes_the_decoder_was_not_built_for_are_refused_with_the_fix():

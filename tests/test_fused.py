@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from dsparse import FusionConfig, SparsityConfig, fuse_model, fused_counts, sparse_modules, sparsify
 from dsparse.config import AutogradConfig, StepConfig
-from dsparse.nn import FusedGatedMLP, FusedRMSNorm
+from dsparse.nn import FusedGatedMLP, FusedRMSNorm, fused_from
 from kernels._triton import capture_launches
 
 DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
@@ -159,6 +159,31 @@ def test_fewer_rows_than_min_rows_run_hf_code():
         with torch.no_grad(), capture_launches() as calls:  # launches are recorded, not run
             model(input_ids=ids)
         assert {kernel.fn.__name__ for kernel, *_ in calls} == launched
+
+
+def test_fused_from_lowers_every_modules_threshold_within_the_block():
+    """fused_from(rows) (GraphDecoder's captured steps) launches the kernels below min_rows, nested blocks
+    restore the threshold they found, and a bad row count is refused with what it means."""
+    ids = torch.randint(0, 96, (2, 1), generator=torch.Generator().manual_seed(8))  # a 2-row decode step
+    model = _llama()
+    fuse_model(model)  # the default threshold, 256 rows
+
+    def launched() -> set[str]:
+        with torch.no_grad(), capture_launches() as calls:
+            model(input_ids=ids)
+        return {kernel.fn.__name__ for kernel, *_ in calls}
+
+    kernels = {"_rms_norm_fwd_kernel", "_silu_mul_fwd_kernel", "_rope_kernel"}
+    assert launched() == set()
+    with fused_from(1):
+        assert launched() == kernels
+        with fused_from(3):
+            assert launched() == set()
+        assert launched() == kernels
+    assert launched() == set()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="integer >= 0"):
+            fused_from(bad)
 
 
 def test_fused_model_generates_what_hf_generates():

@@ -12,11 +12,14 @@ The swap keeps every parameter object and every state-dict key, so it works befo
 Below ``min_rows`` rows (default :data:`MIN_FUSED_ROWS`; decoding a few tokens at a time) each
 module runs HF's torch code instead: there a Triton launch costs more host time than the GPU
 work it saves (llama-1b, batch 8 on an H100: sparse decode went from 0.52x to 0.75x of dense
-with this fallback, ``bench/results/infer_h100_fused*.json``).
+with this fallback, ``bench/results/infer_h100_fused*.json``). A step replayed from a CUDA graph
+pays no launch cost, so :func:`fused_from` lowers every module's threshold for the steps it
+captures (:class:`dsparse.decode.GraphDecoder`).
 """
 from __future__ import annotations
 
 import logging
+import threading
 import types
 from collections.abc import Callable
 
@@ -37,6 +40,33 @@ ROTARY_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attentio
 MIN_FUSED_ROWS = FusionConfig.min_rows  # fewer rows run HF's torch code (decoding), see FusionConfig
 # HF decoder layers' norms and the first module reading each one's output (q/k/v and gate/up read it alike)
 NORM_READERS = {"input_layernorm": "self_attn.q_proj", "post_attention_layernorm": "mlp.gate_proj"}
+_threshold = threading.local()  # .rows: fused_from's override of every module's min_rows, on this thread
+
+
+class fused_from:  # noqa: N801 (a context manager, named like torch.no_grad)
+    """Within the block (on this thread), every fused module runs its kernels from ``rows`` rows on,
+    whatever its own ``min_rows``: for steps captured into a CUDA graph, whose replays issue no
+    launches from the host, so the kernels' fewer, larger launches win at any row count."""
+
+    def __init__(self, rows: int) -> None:
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"fused_from: rows must be an integer >= 0 (fused modules run their kernels from "
+                             f"that many rows on), got {rows!r}")
+        self.rows = rows
+        self._previous: list[int | None] = []
+
+    def __enter__(self) -> None:
+        self._previous.append(getattr(_threshold, "rows", None))
+        _threshold.rows = self.rows
+
+    def __exit__(self, *exc) -> None:
+        _threshold.rows = self._previous.pop()
+
+
+def _min_rows(own: int) -> int:
+    """A module's row threshold: its own ``min_rows`` unless :func:`fused_from` overrides it."""
+    rows = getattr(_threshold, "rows", None)
+    return own if rows is None else rows
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -151,7 +181,7 @@ def _fused_rotary(hf_apply: Callable, min_rows: int) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         hf_signature = len(args) + len(kwargs) <= 1 and set(kwargs) <= {"unsqueeze_dim"}
         unsqueeze_dim = args[0] if args else kwargs.get("unsqueeze_dim", 1)
-        if hf_signature and _rotary_applies(q, k, cos, sin, unsqueeze_dim, min_rows):
+        if hf_signature and _rotary_applies(q, k, cos, sin, unsqueeze_dim, _min_rows(min_rows)):
             return _RotaryFunction.apply(q, k, cos, sin)
         return hf_apply(q, k, cos, sin, *args, **kwargs)
 
@@ -208,7 +238,7 @@ class FusedRMSNorm(nn.Module):
         return input_slot(module, x.numel() // x.shape[-1], dtype, x.device)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.numel() < self.min_rows * hidden_states.shape[-1]:
+        if hidden_states.numel() < _min_rows(self.min_rows) * hidden_states.shape[-1]:
             from kernels import rms_norm_reference
 
             return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
@@ -242,17 +272,17 @@ class FusedGatedMLP(nn.Module):
         from .projections import group_of
 
         group = group_of([self.gate_proj, self.up_proj])  # one gate/up product: its halves in place
-        if group is not None and group.fused_is_whole and x.numel() >= self.min_rows * x.shape[-1]:
+        min_rows = _min_rows(self.min_rows)
+        if group is not None and group.fused_is_whole and x.numel() >= min_rows * x.shape[-1]:
             if not torch.is_grad_enabled():
                 return self.down_proj(self._gate_inference(group, x))
             return self.down_proj(_PackedSiluMulFunction.apply(group.fused(x), group if self.mvue else None))
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if gate.numel() < self.min_rows * gate.shape[-1]:
+        if gate.numel() < min_rows * gate.shape[-1]:
             from kernels import silu_mul_reference
 
             return self.down_proj(silu_mul_reference(gate, up))
         return self.down_proj(_SiluMulFunction.apply(gate, up))
-
 
     def _gate_inference(self, group, x: torch.Tensor) -> torch.Tensor:
         """``silu(g) · u`` of the gate/up group's output without autograd, written into ``down_proj``'s wide
