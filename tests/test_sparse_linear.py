@@ -90,9 +90,9 @@ def test_adamw_on_sparse_layer_equals_adamw_on_masked_dense(freq):
     layers = [SparseLinear(32, 16, bias=False, mask_change_freq=freq), SparseLinear(16, 32, bias=False,
                                                                                  mask_change_freq=freq)]
     model = torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1])
-    dense_w = [l.effective_weight().detach().clone().requires_grad_() for l in layers]
-    masks = [l.effective_weight().detach() != 0 for l in layers]
-    dense_keep_t = [l.effective_weight_t().detach().t() != 0 for l in layers]
+    dense_w = [layer.effective_weight().detach().clone().requires_grad_() for layer in layers]
+    masks = [layer.effective_weight().detach() != 0 for layer in layers]
+    dense_keep_t = [layer.effective_weight_t().detach().t() != 0 for layer in layers]
 
     def step_mask_t(i):
         return lambda w: w * dense_keep_t[i]
@@ -119,14 +119,14 @@ def test_adamw_on_sparse_layer_equals_adamw_on_masked_dense(freq):
             for i in range(2):
                 scores = torch.where(masks[i], dense_w[i].detach().abs(), torch.full_like(dense_w[i], -1.0))
                 dense_keep_t[i] = (nm.nm_mask(scores.t(), 2, 4) & (scores.t() >= 0)).t()
-        for l, w in zip(layers, dense_w):
-            torch.testing.assert_close(l.effective_weight().detach(), w.detach() * (w.detach() != 0), rtol=1e-5,
+        for layer, w in zip(layers, dense_w):
+            torch.testing.assert_close(layer.effective_weight().detach(), w.detach() * (w.detach() != 0), rtol=1e-5,
                                        atol=1e-6)
-    for i, l in enumerate(layers):
-        assert l.step == 7
-        assert torch.equal(l.effective_weight_t().detach().t() != 0, dense_keep_t[i] & masks[i])
-        state = opt.state[l.values]
-        assert state["exp_avg"].shape == (l.out_features, l.in_features // 2)
+    for i, layer in enumerate(layers):
+        assert layer.step == 7
+        assert torch.equal(layer.effective_weight_t().detach().t() != 0, dense_keep_t[i] & masks[i])
+        state = opt.state[layer.values]
+        assert state["exp_avg"].shape == (layer.out_features, layer.in_features // 2)
     assert changes == (0 if freq == 0 else 7 // freq)
 
 
