@@ -3,7 +3,10 @@ whole step, memory.
 
 Every ratio is dense time / sparse time from the same run on the same GPU. Times are
 eager (what a training step pays, launch overhead included); the ``*_graph`` columns
-replay CUDA graphs and so show the kernels alone. Sparse rows come twice: with
+replay CUDA graphs and so show the kernels alone. The whole step's backward runs on the
+calling thread, as dsparse's engine runs it (``"autograd": {"multithreading": false}``), for
+dense and sparse alike; ``--autograd_threads`` hands it to torch's autograd thread (how runs
+before session 17 measured it). Sparse rows come twice: with
 cuSPARSELt's default plan and with the tuned plans (``python -m bench.tune`` first).
 
     python -m bench.layer --shapes 4096x4096,4096x11008 --tokens 8192 --dtypes fp16,bf16
@@ -94,9 +97,18 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096,8192x8192", help="in x out, comma-separated")
     parser.add_argument("--tokens", default="4096,8192,16384")
     parser.add_argument("--dtypes", default="fp16,bf16")
+    parser.add_argument("--autograd_threads", action="store_true",
+                        help="run the whole step's backward on torch's autograd thread (torch's default), not the "
+                             "calling thread (dsparse's engine)")
     parser.add_argument("--out", default=None, help="result JSON (default bench/results/layer_<gpu>.json)")
     args = parser.parse_args()
     plans.load_default_plans()
+    with torch.autograd.set_multithreading_enabled(args.autograd_threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every (shape, tokens, dtype) row, written after each one."""
     rows = []
     for in_f, out_f in parse_shapes(args.shapes):
         for tokens in [int(t) for t in args.tokens.split(",")]:
@@ -119,7 +131,8 @@ def main() -> None:
                       f"{row['speedup_sparse_default']['step']:.2f}x) graph fwd {s['fwd_graph']:.2f}x "
                       f"dx {s['dx_graph']:.2f}x; MVUE dw {s['dw_mvue']:.2f}x step {s['step_mvue']:.2f}x", flush=True)
                 rows.append(row)
-                write_result(args.out or f"bench/results/layer_{gpu_tag()}.json", {"rows": rows})  # after every row
+                write_result(args.out or f"bench/results/layer_{gpu_tag()}.json",  # after every row
+                             {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ def layer_table() -> list[str]:
         rows = [r for r in data["rows"] if "speedup_sparse_tuned" in r]
         if not rows:
             continue
-        lines += [f"**Layer** (`{name}`; {_env(data['environment'])}): dense time / sparse time, same run",
+        # runs from before session 17 recorded no args: they ran the backward on torch's autograd thread
+        threads = data.get("args", {}).get("autograd_threads", True)
+        backward = "torch's threaded backward" if threads else "backward on the calling thread, as the engine runs it"
+        lines += [f"**Layer** (`{name}`; {_env(data['environment'])}): dense time / sparse time, same run; whole "
+                  f"step with {backward}",
                   *_provenance(data),
                   "", "| in x out | tokens | dtype | fwd | dX | dW | whole step | MVUE dW | MVUE step |",
                   "|---|---|---|---|---|---|---|---|---|"]
