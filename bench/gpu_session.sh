@@ -82,7 +82,7 @@ for part in "$@"; do
     layer)        timeout 200 python3 -m bench.layer ;;
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
     skinny)       timeout 150 python3 -m bench.kernels --sections skinny --out bench/results/kernels_${gpu}_skinny.json ;;
-    skinny-mma)   timeout 240 python3 -m pytest -q -m gpu kernels/tests/test_kernels_skinny_mma.py
+    skinny-mma)   timeout 300 python3 -m pytest -q -m gpu kernels/tests/test_kernels_skinny_mma.py
                   timeout 150 python3 -m bench.kernels --sections skinny --out bench/results/kernels_${gpu}_skinny_mma.json ;;
     overhead)     timeout 120 python3 -m bench.overhead ;;
     fp8)          timeout 150 python3 -m bench.fp8 ;;

@@ -1,13 +1,109 @@
 """kernels.skinny_mma_sparse_mm: few-token products on the sparse tensor cores, against the reference and
-against what cuSPARSELt itself compresses and multiplies."""
+against what cuSPARSELt itself compresses and multiplies; first, the instruction's own operand layouts, which
+the kernel's are built on."""
+import functools
+import os
+
 import pytest
 import torch
 
 from kernels import skinny_sparse_mm_reference
 from kernels._testing import compressed_operand
-from kernels.skinny_mma import MAX_TOKENS, available, skinny_mma_sparse_mm
+from kernels.skinny_mma import MAX_TOKENS, SOURCE, available, skinny_mma_sparse_mm
 
 needs_sparse_cores = pytest.mark.skipif(not available("cuda"), reason="needs a CUDA GPU of compute capability 8.0+")
+
+# One mma.sp of a dense 16 x 32 A (two nonzeros in each group of 4 along k) and a 32 x 8 B, its registers built
+# from the dense matrices as csrc/mma_sp.cuh describes the layouts; the metadata per `layout`: 0 as there
+# (thread 4g + h: groups 4h .. 4h + 3 of rows g and g + 8), 1 the other reading of two threads per row pair
+# (thread 4g + h: the 8 groups of row g + 8h). Independent of cuSPARSELt's compressed layout.
+_PROBE = r"""
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include "mma_sp.cuh"
+
+template <typename T>
+__device__ uint32_t kept_pair(const T* a, int row, int group, uint32_t* nibble) {  // the group's two nonzeros
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(a) + row * 32 + 4 * group;
+  int p[2] = {0, 1}, n = 0;
+  for (int i = 0; i < 4; ++i)
+    if ((bits[i] & 0x7fff) && n < 2) p[n++] = i;
+  *nibble = p[0] | (p[1] << 2);
+  return uint32_t(bits[p[0]]) | (uint32_t(bits[p[1]]) << 16);
+}
+
+template <typename T>
+__global__ void probe_kernel(const T* a, const T* b, float* d, int layout) {
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3, h = t & 1;
+  uint32_t af[4], bf[4], e = 0, nib;
+  af[0] = kept_pair(a, g, t, &nib);
+  af[1] = kept_pair(a, g + 8, t, &nib);
+  af[2] = kept_pair(a, g, 4 + t, &nib);
+  af[3] = kept_pair(a, g + 8, 4 + t, &nib);
+  for (int j = 0; j < (layout == 0 ? 4 : 8); ++j) {
+    if (layout == 0) {
+      kept_pair(a, g, 4 * h + j, &nib);
+      e |= nib << (4 * j);
+      kept_pair(a, g + 8, 4 * h + j, &nib);
+      e |= nib << (16 + 4 * j);
+    } else {
+      kept_pair(a, g + 8 * h, j, &nib);
+      e |= nib << (4 * j);
+    }
+  }
+  const uint16_t* bb = reinterpret_cast<const uint16_t*>(b);
+  for (int j = 0; j < 4; ++j) bf[j] = uint32_t(bb[(8 * j + 2 * t) * 8 + g]) | (uint32_t(bb[(8 * j + 2 * t + 1) * 8 + g]) << 16);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  dsparse_mma::mma_sp<T>(acc, af, bf, e);
+  d[g * 8 + 2 * t] = acc[0];
+  d[g * 8 + 2 * t + 1] = acc[1];
+  d[(g + 8) * 8 + 2 * t] = acc[2];
+  d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+}
+
+at::Tensor probe(const at::Tensor& a, const at::Tensor& b, int64_t layout) {
+  at::Tensor d = at::empty({16, 8}, a.options().dtype(at::kFloat));
+  if (a.scalar_type() == at::kBFloat16) {
+    probe_kernel<__nv_bfloat16><<<1, 32>>>(reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()),
+                                           reinterpret_cast<const __nv_bfloat16*>(b.data_ptr()), d.data_ptr<float>(), layout);
+  } else {
+    probe_kernel<__half><<<1, 32>>>(reinterpret_cast<const __half*>(a.data_ptr()),
+                                    reinterpret_cast<const __half*>(b.data_ptr()), d.data_ptr<float>(), layout);
+  }
+  return d;
+}
+
+TORCH_LIBRARY(dsparse_mma_probe, m) { m.def("probe(Tensor a, Tensor b, int layout) -> Tensor"); }
+TORCH_LIBRARY_IMPL(dsparse_mma_probe, CUDA, m) { m.impl("probe", &probe); }
+"""
+
+
+@functools.cache
+def _probe():
+    from torch.utils.cpp_extension import load_inline
+
+    load_inline("dsparse_mma_probe", cpp_sources="", cuda_sources=_PROBE, is_python_module=False,
+                extra_include_paths=[os.path.dirname(SOURCE)], no_implicit_headers=True)
+    return torch.ops.dsparse_mma_probe.probe
+
+
+@pytest.mark.gpu
+@needs_sparse_cores
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_sparse_tensor_cores_read_the_operand_layouts_the_kernel_assumes(dtype):
+    """One mma.sp from registers built per csrc/mma_sp.cuh gives A @ B; the metadata's other reading does
+    not. A failure says which reading the hardware took, and which rows and columns of D came out wrong."""
+    gen = torch.Generator().manual_seed(11)
+    keep = torch.rand(16, 8, 4, generator=gen).argsort(-1).argsort(-1) < 2  # two of each group of 4, at random
+    a = torch.where(keep.view(16, 32), torch.randn(16, 32, generator=gen), 0.0).to(dtype).cuda()
+    b = torch.randn(32, 8, generator=gen).to(dtype).cuda()
+    want = a.float() @ b.float()
+    got = [_probe()(a, b, layout) for layout in (0, 1)]
+    close = [torch.allclose(d, want, rtol=1e-3, atol=1e-3) for d in got]
+    wrong = sorted({tuple(ij) for ij in (~torch.isclose(got[0], want, rtol=1e-3, atol=1e-3)).nonzero().tolist()})
+    other = "the other reading (a row's 8 groups per thread) matches" if close[1] else "the other reading fails too"
+    assert close[0], f"mma.sp with the assumed layouts is wrong at (row, column) of D {wrong[:20]}; {other}"
+    assert not close[1]  # the two readings give different products: the probe tells them apart
 
 
 def test_bad_operands_are_refused_with_the_fix():
