@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dsparse import fuse_model, sparsify
+from dsparse import fuse_model, sparse_modules, sparsify
 from dsparse.decode import GraphDecoder
 from dsparse.nn.fused import _min_rows
 from dsparse.export import export_model, load_for_inference
@@ -41,10 +41,23 @@ def test_static_cache_decoding_gives_generates_tokens(tmp_path, sparse):
 
 
 @pytest.mark.parametrize("fused_rows", [1, None])
-def test_a_fused_models_decoding_steps_run_the_kernels_from_fused_rows(fused_rows):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_fused_models_decoding_steps_run_the_kernels_from_fused_rows(tmp_path, sparse, fused_rows):
     """The decoder runs a fused model's kernels on its few-row steps (fused_rows=1; the Triton interpreter
-    here) or leaves each module's threshold (None), and gives generate's tokens (HF's code per step) either way."""
+    here) or leaves each module's threshold (None), and gives generate's tokens (HF's code per step) either way;
+    also exported with adapters folded into the sparse operands, where the fused norm and gate write the wide
+    inputs of the products reading them."""
     model = _llama()
+    if sparse:
+        sparsify(model, {})
+        gen = torch.Generator().manual_seed(0)
+        for _, layer in sparse_modules(model):
+            layer.add_adapter(4, generator=gen)
+            with torch.no_grad():
+                layer.adapter_b.normal_(0, 0.05)
+        export_model(model, str(tmp_path), dtype=torch.float32)
+        model = load_for_inference(str(tmp_path), device="cpu")
+        assert all(layer.operand_owner()._fold is not None for _, layer in sparse_modules(model))  # folded
     fuse_model(model)  # the default threshold (256 rows) sends generate's decoding steps to HF's code
     seen = []
     model.model.norm.register_forward_pre_hook(lambda module, args: seen.append(_min_rows(module.min_rows)))
