@@ -1,6 +1,7 @@
 """Shared pieces of the GPU benchmarks: device/version record, timing, JSON output."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -13,9 +14,10 @@ from dsparse.timing import time_ms  # noqa: F401  (the benchmarks time with it)
 
 
 def environment() -> dict[str, Any]:
-    """What a result was measured with: command, GPU, and library versions."""
+    """What a result was measured with and when: command, UTC time, GPU, and library versions."""
     env: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

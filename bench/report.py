@@ -17,10 +17,11 @@ def _load(pattern: str) -> list[tuple[str, dict]]:
 
 
 def _env(env: dict) -> str:
+    when = f", {env['utc'][:10]}" if "utc" in env else ""  # recorded since session 17
     if not env.get("gpu"):
-        return f"CPU, torch {env.get('torch')}, triton {env.get('triton')}"
+        return f"CPU, torch {env.get('torch')}, triton {env.get('triton')}{when}"
     return (f"{env.get('gpu')}, torch {env.get('torch')}, cuSPARSELt {env.get('cusparselt')}, "
-            f"triton {env.get('triton')}")
+            f"triton {env.get('triton')}{when}")
 
 
 def _provenance(data: dict) -> list[str]:
