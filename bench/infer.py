@@ -12,9 +12,9 @@ into it unless ``--fold off``, then multiply-added onto its output; ``--fold on,
 both from one export), with adapter ranks 0, 1.56% and 6.25% of each layer's smaller dimension.
 Weights are random (speed does not depend on them). Ratios are against the dense model
 measured in the same process. Dense and sparse models alike run the fused RMSNorm / SwiGLU /
-RoPE kernels (:func:`dsparse.fuse_model`; the prefill, and the few-row decoding steps only where
-CUDA graphs replay them, unless ``--graph_fusion off``) unless ``--fusion off``, and q/k/v and gate/up as one product each (:func:`dsparse.fuse_projections`)
-unless ``--projections off``.
+RoPE kernels unless ``--fusion off`` (:func:`dsparse.fuse_model`: in the prefill, and in the
+few-row decoding steps where CUDA graphs replay them unless ``--graph_fusion off``), and q/k/v
+and gate/up as one product each unless ``--projections off`` (:func:`dsparse.fuse_projections`).
 
     python -m bench.infer --model llama-1b --batch 8 --prompt 2048 --new_tokens 16
 
