@@ -5,7 +5,7 @@ on every call, ~0.6-1.2 ms of host time, as long as the kernel itself or longer.
 calls the library torch loaded, with the descriptors torch 2.11 builds (so data from
 ``torch._cslt_compress`` reads identically), but keeps every plan for the life of the
 process: one plan per (thread's handle, device, m, k, n, dtype, transpose_result,
-alg_id, bias or not). Handles are per thread and device, as cuSPARSELt requires (autograd
+alg_id, split-k, bias or not). Handles are per thread and device, as cuSPARSELt requires (autograd
 runs backward on its own thread); workspaces come from torch's caching allocator; work
 goes to ``torch.cuda.current_stream()``.
 
@@ -40,7 +40,7 @@ _OP_N, _OP_T = 0, 1  # cusparseOperation_t
 _SPARSITY_50_PERCENT = 0  # cusparseLtSparsity_t
 _COMPUTE_32F = 2  # cusparseComputeType
 _ALG_DEFAULT = 0  # cusparseLtMatmulAlg_t
-_ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID = 0, 1  # cusparseLtMatmulAlgAttribute_t
+_ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _SPLIT_K, _SPLIT_K_MODE = 0, 1, 3, 4  # cusparseLtMatmulAlgAttribute_t
 _BIAS_POINTER = 8  # cusparseLtMatmulDescAttribute_t
 _MAJOR, _MINOR, _PATCH = 0, 1, 2  # libraryPropertyType
 
@@ -176,7 +176,7 @@ class _Plan:
     __slots__ = ("_buffer", "matmul", "plan", "workspace")
 
     def __init__(self, handle: int, m: int, k: int, n: int, dtype: torch.dtype, transpose_result: bool,
-                 alg_id: int, bias_ptr: int, x_kn: bool):
+                 alg_id: int, bias_ptr: int, x_kn: bool, split_k: int = 1, split_k_mode: int = 0):
         self._buffer, base = _aligned(6)
         self.matmul, alg_sel, self.plan = (base + i * _OPAQUE for i in (3, 4, 5))
         made: list[tuple[str, int]] = []  # destroyed again if a step fails
@@ -184,6 +184,11 @@ class _Plan:
             _describe(handle, base, m, k, n, dtype, transpose_result, bias_ptr, made, x_kn)
             alg = c_int(alg_id)  # as torch: not checked against alg_count (see there)
             _call("cusparseLtMatmulAlgSetAttribute", handle, alg_sel, _ALG_CONFIG_ID, ctypes.addressof(alg), 4)
+            if split_k > 1:  # as torch sets them: the factor, then the mode where one is named
+                for attribute, value in ((_SPLIT_K, split_k), (_SPLIT_K_MODE, split_k_mode)):
+                    if value:
+                        cell = c_int(value)
+                        _call("cusparseLtMatmulAlgSetAttribute", handle, alg_sel, attribute, ctypes.addressof(cell), 4)
             _call("cusparseLtMatmulPlanInit", handle, self.plan, self.matmul, alg_sel)
             made.append(("cusparseLtMatmulPlanDestroy", self.plan))
             size = c_size_t()
@@ -218,7 +223,7 @@ def _state(device: int) -> _DeviceState:
 
 
 def sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None, transpose_result: bool,
-              alg_id: int, *, x_kn: bool = False) -> torch.Tensor:
+              alg_id: int, *, x_kn: bool = False, split_k: int = 1, split_k_mode: int = 0) -> torch.Tensor:
     """``torch._cslt_sparse_mm(packed, x2d.t(), bias=bias, transpose_result=..., alg_id=...)`` on a cached plan.
 
     ``packed``: ``torch._cslt_compress`` of an ``(m, k)`` matrix, 2:4 along ``k``; ``x2d``: contiguous
@@ -226,7 +231,8 @@ def sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None
     Returns ``A @ x2dᵀ (+ bias[:, None])`` as a row-major ``(m, n)``, or its transpose ``(n, m)``
     with ``transpose_result``. ``x_kn``: ``x2d`` is the contiguous ``(k, n)`` right operand itself
     (``A @ x2d``; e.g. activations ``(tokens, in)`` for a product along the tokens), no transposed copy.
-    Check :func:`unavailable_reason` first.
+    ``split_k`` > 1 splits the reduction (``split_k_mode``: ``cusparseLtSplitKMode_t``, 0 leaves it to
+    cuSPARSELt). Check :func:`unavailable_reason` first.
     """
     k, n = x2d.shape if x_kn else x2d.shape[::-1]
     m = packed.shape[0]
@@ -237,13 +243,14 @@ def sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None
     index = device.index
     if torch.cuda.current_device() != index:
         with torch.cuda.device(index):
-            return sparse_mm(packed, x2d, bias, transpose_result, alg_id, x_kn=x_kn)
+            return sparse_mm(packed, x2d, bias, transpose_result, alg_id, x_kn=x_kn, split_k=split_k,
+                             split_k_mode=split_k_mode)
     state = _state(index)
-    key = (m, k, n, dtype, transpose_result, alg_id, bias is not None, x_kn)
+    key = (m, k, n, dtype, transpose_result, alg_id, bias is not None, x_kn, split_k, split_k_mode)
     plan = state.plans.get(key)
     if plan is None:
         plan = state.plans[key] = _Plan(state.handle, m, k, n, dtype, transpose_result, alg_id,
-                                        0 if bias is None else bias.data_ptr(), x_kn)
+                                        0 if bias is None else bias.data_ptr(), x_kn, split_k, split_k_mode)
     out = torch.empty((n, m) if transpose_result else (m, n), dtype=dtype, device=device)
     if bias is not None:  # the plan reads the bias pointer from its matmul descriptor at each call
         state.bias.value = bias.data_ptr()

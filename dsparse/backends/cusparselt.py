@@ -272,7 +272,8 @@ def _sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | Non
     """``x2d @ Aᵀ (+ bias)`` for a compressed ``A``: contiguous ``(tokens, rows of A)``.
 
     Runs on the cached cuSPARSELt plans of :mod:`.cslt_binding` where that binding works,
-    else on ``torch._cslt_sparse_mm`` (same descriptors and algorithm, same result); a
+    else on ``torch._cslt_sparse_mm`` (same descriptors and algorithm, same result; without the
+    plan's split-k, which only the binding's tuning chooses); a
     ``skinny`` plan on :func:`kernels.skinny_sparse_mm` where it reads the operand (``mma``: on
     :func:`kernels.skinny_mma_sparse_mm`, where the token count and ``x2d``'s alignment let it).
     """
@@ -292,7 +293,8 @@ def _sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | Non
     pad = (-tokens) % _TOKEN_MULTIPLE
     dense = torch.nn.functional.pad(x2d, (0, 0, 0, pad)) if pad else x2d
     if cslt_binding.available(dense.dtype, dense.device):
-        out = cslt_binding.sparse_mm(packed, dense, bias, plan.transpose_result, plan.alg_id)
+        out = cslt_binding.sparse_mm(packed, dense, bias, plan.transpose_result, plan.alg_id, split_k=plan.split_k,
+                                     split_k_mode=plan.split_k_mode)
     else:
         out = torch._cslt_sparse_mm(packed, dense.t(), bias=bias, transpose_result=plan.transpose_result,
                                     alg_id=plan.alg_id)

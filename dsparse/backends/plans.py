@@ -1,8 +1,8 @@
 """Per-shape execution plans for a sparse layer's products (forward, input gradient, MVUE weight gradient).
 
-A plan says how one product runs: cuSPARSELt's algorithm id and whether cuSPARSELt
-writes the result transposed (row-major ``(tokens, features)``) or the backend copies it
-there, or dsparse's own few-token kernel on the same compressed operand (decoding), or a
+A plan says how one product runs: cuSPARSELt's algorithm id (and split-k, for few tokens)
+and whether cuSPARSELt writes the result transposed (row-major ``(tokens, features)``) or the
+backend copies it there, or dsparse's own few-token kernel on the same compressed operand (decoding), or a
 dense GEMM on the decompressed operand where that is faster (small, launch-bound layers;
 not for frozen inference models, which keep only the compressed operand). Plans are chosen by measurement (:mod:`.tuning`) and load once per
 process: first the tuned plans shipped for this GPU and cuSPARSELt version
@@ -34,6 +34,8 @@ class Plan:
     dense: bool = False  # faster as a dense GEMM on the decompressed operand (the rest: the best sparse way)
     skinny: bool = False  # dsparse's few-token kernel on the compressed operand (kernels.skinny_sparse_mm)
     mma: bool = False  # with skinny: its CUDA kernel on the sparse tensor cores (kernels.skinny_mma_sparse_mm)
+    split_k: int = 1  # cuSPARSELt's split-k factor for ``alg_id`` (1: none): few-token products fill the GPU
+    split_k_mode: int = 0  # with split_k: cusparseLtSplitKMode_t (1: one kernel, 2: two kernels; 0: cuSPARSELt's)
 
 
 DEFAULT_PLAN = Plan()
@@ -166,7 +168,8 @@ def load_plans(path: str | os.PathLike) -> int:
     for row in rows:
         set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"],
                  Plan(int(row["alg_id"]), bool(row["transpose_result"]), bool(row.get("dense", False)),
-                      bool(row.get("skinny", False)), bool(row.get("mma", False))))
+                      bool(row.get("skinny", False)), bool(row.get("mma", False)), int(row.get("split_k", 1)),
+                      int(row.get("split_k_mode", 0))))
     _loaded = True
     return len(rows)
 

@@ -3,7 +3,10 @@
 A product is ``x2d (tokens, k) @ Aᵀ`` with ``A (rows, k)`` 2:4 along ``k``: the forward
 (``A = W``) or the input gradient (``A = W̃ᵀ``). The candidates are cuSPARSELt's
 algorithms with the result written transposed or not, run exactly as the backend runs
-them (:func:`dsparse.backends.cusparselt._sparse_mm`), up to :data:`kernels.skinny.MAX_TOKENS`
+them (:func:`dsparse.backends.cusparselt._sparse_mm`), up to :data:`SPLIT_K_TOKENS` tokens
+cuSPARSELt's split-k too (a few tokens make few output tiles: splitting the reduction fills the
+GPU; algorithm 0 at :data:`SPLIT_K` factors in either mode, and what cuSPARSELt's own search
+picks), up to :data:`kernels.skinny.MAX_TOKENS`
 tokens dsparse's few-token kernels on the same operand (:func:`kernels.skinny_sparse_mm`, and
 :func:`kernels.skinny_mma_sparse_mm` on the sparse tensor cores up to its 16 tokens),
 and a dense GEMM on the decompressed ``A`` (what dsparse falls back to where sparse loses,
@@ -29,6 +32,9 @@ SCREEN = {"warmup": 0, "iters": 3, "inner": 1}  # every candidate, eager, after 
 FINAL = {"warmup": 2, "iters": 7, "inner": 5}  # the finalists
 FINALISTS, NEAR = 4, 1.10  # re-time up to this many screened candidates within 10% of the fastest
 MAX_ERROR = 1e-2  # relative to algorithm 0's result
+SPLIT_K_TOKENS = 64  # up to this many tokens cuSPARSELt's split-k is a candidate
+SPLIT_K = (2, 4, 8, 16)  # its factors tried with algorithm 0
+SPLIT_K_MODES = (1, 2)  # cusparseLtSplitKMode_t: the reduction in the product's kernel, or in a second one
 
 
 def alg_count(packed: torch.Tensor, x: torch.Tensor) -> int:
@@ -68,11 +74,32 @@ def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: b
         return torch.nn.functional.linear(x, w_dense) if plan.dense else _sparse_mm(packed, x, None, plan)
 
     candidates = [Plan(alg, True) for alg in range(alg_count(packed, x))] + [Plan(0, False)]
+    if tokens <= SPLIT_K_TOKENS:
+        candidates += split_k_candidates(packed, x)
     if tokens <= MAX_TOKENS and skinny_applies(rows, k, dtype, device):
         candidates.append(Plan(skinny=True))
         if tokens <= skinny_mma.MAX_TOKENS and skinny_mma.available(device):
             candidates.append(Plan(skinny=True, mma=True))
     return _pick(candidates + ([Plan(dense=True)] if dense else []), run, want, graph)
+
+
+def split_k_candidates(packed: torch.Tensor, x: torch.Tensor) -> list[Plan]:
+    """cuSPARSELt split-k plans for ``x @ Aᵀ`` (transposed result): algorithm 0 at each of :data:`SPLIT_K`
+    in each of :data:`SPLIT_K_MODES`, and the algorithm and split cuSPARSELt's own search picks where
+    it splits. Only the binding runs split-k: none without it."""
+    from . import cslt_binding
+
+    if not cslt_binding.available(x.dtype, x.device):
+        return []
+    plans = [Plan(0, True, split_k=split, split_k_mode=mode) for split in SPLIT_K for mode in SPLIT_K_MODES]
+    pad = (-x.shape[0]) % 8  # as _sparse_mm pads the tokens
+    try:
+        alg, split, mode, _ = torch._C._cusparselt.mm_search(packed, torch.nn.functional.pad(x, (0, 0, 0, pad)).t(),
+                                                             None, None, None, True)
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # a torch whose search differs: the grid alone
+        return plans
+    searched = Plan(int(alg), True, split_k=int(split), split_k_mode=int(mode))
+    return plans + ([searched] if searched.split_k > 1 and searched not in plans else [])
 
 
 def tune_mvue_dw(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, graph: bool = False
@@ -107,7 +134,7 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
     table: list[dict] = []
     for plan in candidates:
         row = {"alg_id": plan.alg_id, "transpose_result": plan.transpose_result, "dense": plan.dense,
-               "skinny": plan.skinny, "mma": plan.mma}
+               "skinny": plan.skinny, "mma": plan.mma, "split_k": plan.split_k, "split_k_mode": plan.split_k_mode}
         try:
             err = ((run(plan).float() - want).norm() / want.norm()).item()
             if err > MAX_ERROR:
@@ -128,9 +155,11 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
     best_sparse = min((r for r in finalists if not r["dense"]), key=lambda r: r["ms"])
     best = min(finalists, key=lambda r: r["ms"])
     return Plan(best_cslt["alg_id"], best_cslt["transpose_result"], dense=best["dense"],
-                skinny=best_sparse["skinny"], mma=best_sparse.get("mma", False)), table
+                skinny=best_sparse["skinny"], mma=best_sparse.get("mma", False), split_k=best_cslt["split_k"],
+                split_k_mode=best_cslt["split_k_mode"]), table
 
 
 def plan_of(row: dict) -> Plan:
     """The plan a row of a tuning table timed."""
-    return Plan(row["alg_id"], row["transpose_result"], row["dense"], row.get("skinny", False), row.get("mma", False))
+    return Plan(row["alg_id"], row["transpose_result"], row["dense"], row.get("skinny", False), row.get("mma", False),
+                row.get("split_k", 1), row.get("split_k_mode", 0))

@@ -72,6 +72,23 @@ def test_matches_torch(dtype, rows, k, tokens, transpose, with_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, k, tokens", [(2048, 2048, 8), (2048, 5632, 16), (11264, 2048, 8)])
+def test_split_k_plans_compute_algorithm_0s_product(dtype, rows, k, tokens):
+    """cuSPARSELt's split-k (the reduction split in the product's kernel, mode 1, or in a second kernel,
+    mode 2) gives algorithm 0's result up to the order of its sums; with a bias, and in place of a plan
+    without split-k for the same algorithm (separate cached plans)."""
+    packed = _compressed(rows, k, dtype)
+    x = torch.randn(tokens, k, device="cuda", dtype=dtype)
+    bias = torch.randn(rows, device="cuda", dtype=dtype)
+    for b in (None, bias):
+        want = _torch_mm(packed, x, b, Plan(0, True))
+        for split in (2, 4, 8):
+            for mode in (1, 2):
+                _assert_same(_sparse_mm(packed, x, b, Plan(0, True, split_k=split, split_k_mode=mode)), want)
+        _assert_same(_sparse_mm(packed, x, b, Plan(0, True)), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_bias_and_operands_follow_each_call(dtype):
     """One cached plan, new tensors (other addresses) at every call."""
     plan = Plan(0, True)

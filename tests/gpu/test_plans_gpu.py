@@ -22,6 +22,7 @@ def test_tuning_times_sparse_and_dense_and_keeps_a_sparse_fallback(rows, k, toke
     assert any((r["alg_id"], r["transpose_result"], r["dense"], r["skinny"]) == (0, False, False, False) and "ms" in r
                for r in table)
     assert not any(r["skinny"] for r in table)  # the few-token kernel is no candidate at thousands of tokens
+    assert all(r["split_k"] == 1 for r in table)  # nor is cuSPARSELt's split-k
     best = min(r["ms"] for r in table if "ms" in r)
     chosen = next(r["ms"] for r in table if "ms" in r and r["dense"] == plan.dense
                   and (plan.dense or (r["alg_id"], r["transpose_result"]) == (plan.alg_id, plan.transpose_result)))
@@ -37,9 +38,12 @@ def test_few_tokens_time_the_skinny_kernel_and_keep_the_fastest_sparse_way(rows,
     skinny = [r for r in table if r["skinny"]]  # the Triton kernel, then the sparse tensor cores' one
     assert [r["mma"] for r in skinny] == [False, True]
     assert all("error" not in r and "ms" in r for r in skinny)  # their results matched algorithm 0; finalists
-    cslt = min(r["ms"] for r in table if "ms" in r and not (r["dense"] or r["skinny"]))
+    split = [r for r in table if r["split_k"] > 1]  # cuSPARSELt's split-k, checked against algorithm 0 too
+    assert len(split) >= 8 and any("screen_ms" in r for r in split)
+    cslt = min((r for r in table if "ms" in r and not (r["dense"] or r["skinny"])), key=lambda r: r["ms"])
+    assert (plan.alg_id, plan.split_k, plan.split_k_mode) == (cslt["alg_id"], cslt["split_k"], cslt["split_k_mode"])
     fastest = min(skinny, key=lambda r: r["ms"])
-    assert plan.skinny == (fastest["ms"] < cslt) and plan.mma == (plan.skinny and fastest["mma"])
+    assert plan.skinny == (fastest["ms"] < cslt["ms"]) and plan.mma == (plan.skinny and fastest["mma"])
 
 
 def test_a_skinny_plan_runs_a_frozen_layer_as_its_cusparselt_plan_does():
