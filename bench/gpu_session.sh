@@ -3,8 +3,8 @@
 # they fit):   bash bench/gpu_session.sh PART [PART ...]
 #   tests        pytest -m gpu over tests/ and kernels/
 #   tune         tune the plans of the benchmarked shapes (shipped in dsparse/backends/tuned)
-#   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt vs the skinny kernel
-#                vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
+#   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt, with and without its
+#                split-k, vs the few-token kernels vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
 #                'infer' (which would tune them on first use)
 #   layer        one layer dense vs sparse (MVUE dW included)
 #   kernels      the Triton kernels vs their torch references
