@@ -86,13 +86,18 @@ def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: b
 def split_k_candidates(packed: torch.Tensor, x: torch.Tensor) -> list[Plan]:
     """cuSPARSELt split-k plans for ``x @ Aᵀ`` (transposed result): algorithm 0 at each of :data:`SPLIT_K`
     in each of :data:`SPLIT_K_MODES`, and the algorithm and split cuSPARSELt's own search picks where
-    it splits. Only the binding runs split-k: none without it."""
+    it splits (only where cuSPARSELt offers both result layouts the same algorithm ids: the search
+    would run the extra ids, which have crashed). Only the binding runs split-k: none without it."""
     from . import cslt_binding
 
     if not cslt_binding.available(x.dtype, x.device):
         return []
     plans = [Plan(0, True, split_k=split, split_k_mode=mode) for split in SPLIT_K for mode in SPLIT_K_MODES]
     pad = (-x.shape[0]) % 8  # as _sparse_mm pads the tokens
+    counts = {cslt_binding.alg_count(packed.shape[0], x.shape[1], x.shape[0] + pad, x.dtype, transpose)
+              for transpose in (False, True)}
+    if len(counts) > 1:  # ids offered for one layout only (fp16, transposed result) crashed a search: see alg_count
+        return plans
     try:
         alg, split, mode, _ = torch._C._cusparselt.mm_search(packed, torch.nn.functional.pad(x, (0, 0, 0, pad)).t(),
                                                              None, None, None, True)
