@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -36,6 +36,11 @@ class Plan:
     mma: bool = False  # with skinny: its CUDA kernel on the sparse tensor cores (kernels.skinny_mma_sparse_mm)
     split_k: int = 1  # cuSPARSELt's split-k factor for ``alg_id`` (1: none): few-token products fill the GPU
     split_k_mode: int = 0  # with split_k: cusparseLtSplitKMode_t (1: one kernel, 2: two kernels; 0: cuSPARSELt's)
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Plan":
+        """The plan a JSON row or tuning-table row names (fields it lacks, e.g. from older files: their defaults)."""
+        return cls(**{f.name: type(f.default)(row[f.name]) for f in fields(cls) if f.name in row})
 
 
 DEFAULT_PLAN = Plan()
@@ -166,10 +171,7 @@ def load_plans(path: str | os.PathLike) -> int:
     with open(path) as f:
         rows = json.load(f)
     for row in rows:
-        set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"],
-                 Plan(int(row["alg_id"]), bool(row["transpose_result"]), bool(row.get("dense", False)),
-                      bool(row.get("skinny", False)), bool(row.get("mma", False)), int(row.get("split_k", 1)),
-                      int(row.get("split_k_mode", 0))))
+        set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"], Plan.from_row(row))
     _loaded = True
     return len(rows)
 

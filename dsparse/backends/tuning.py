@@ -22,6 +22,8 @@ by ``python -m bench.tune`` (with CUDA-graph timing of the finalists) to ship pl
 """
 from __future__ import annotations
 
+from dataclasses import asdict, replace
+
 import torch
 
 from .. import nm
@@ -138,8 +140,7 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
     (what runs where the others cannot)."""
     table: list[dict] = []
     for plan in candidates:
-        row = {"alg_id": plan.alg_id, "transpose_result": plan.transpose_result, "dense": plan.dense,
-               "skinny": plan.skinny, "mma": plan.mma, "split_k": plan.split_k, "split_k_mode": plan.split_k_mode}
+        row = asdict(plan)
         try:
             err = ((run(plan).float() - want).norm() / want.norm()).item()
             if err > MAX_ERROR:
@@ -159,12 +160,9 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
     best_cslt = min((r for r in finalists if not (r["dense"] or r["skinny"])), key=lambda r: r["ms"])
     best_sparse = min((r for r in finalists if not r["dense"]), key=lambda r: r["ms"])
     best = min(finalists, key=lambda r: r["ms"])
-    return Plan(best_cslt["alg_id"], best_cslt["transpose_result"], dense=best["dense"],
-                skinny=best_sparse["skinny"], mma=best_sparse.get("mma", False), split_k=best_cslt["split_k"],
-                split_k_mode=best_cslt["split_k_mode"]), table
+    return replace(plan_of(best_cslt), dense=best["dense"], skinny=best_sparse["skinny"], mma=best_sparse["mma"]), table
 
 
 def plan_of(row: dict) -> Plan:
     """The plan a row of a tuning table timed."""
-    return Plan(row["alg_id"], row["transpose_result"], row["dense"], row.get("skinny", False), row.get("mma", False),
-                row.get("split_k", 1), row.get("split_k_mode", 0))
+    return Plan.from_row(row)
