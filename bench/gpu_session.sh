@@ -6,6 +6,8 @@
 #   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt, with and without its
 #                split-k, vs the few-token kernels vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
 #                'infer' (which would tune them on first use)
+#   tune-dw      tune the exact weight gradient of the benchmarked shapes: cuBLAS + gather vs the fused Triton GEMM's
+#                tiles (tune_<gpu>_dw.json; plans shipped as 'tune''s), before 'layer'
 #   layer        one layer dense vs sparse (MVUE dW included)
 #   kernels      the Triton kernels vs their torch references
 #   skinny       the few-token kernel's tile and split-k sweep on llama-1b's decode products (kernels_<gpu>_skinny.json)
@@ -79,6 +81,8 @@ for part in "$@"; do
     tune)         timeout 240 python3 -m bench.tune --tokens 8192,16384 ;;
     tune-decode)  timeout 200 python3 -m bench.tune --shapes 2048x2560,2048x2048,2048x11264,5632x2048 --tokens 8,16 \
                     --dtypes bf16 --roles fwd --timing graph --out bench/results/tune_${gpu}_decode.json ;;
+    tune-dw)      timeout 300 python3 -m bench.tune --roles dw --tokens 4096,8192,16384 \
+                    --out bench/results/tune_${gpu}_dw.json ;;
     layer)        timeout 200 python3 -m bench.layer ;;
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
     skinny)       timeout 150 python3 -m bench.kernels --sections skinny --out bench/results/kernels_${gpu}_skinny.json ;;

@@ -7,13 +7,15 @@ replay CUDA graphs and so show the kernels alone. The whole step's backward runs
 calling thread, as dsparse's engine runs it (``"autograd": {"multithreading": false}``), for
 dense and sparse alike; ``--autograd_threads`` hands it to torch's autograd thread (how runs
 before session 17 measured it). Sparse rows come twice: with
-cuSPARSELt's default plan and with the tuned plans (``python -m bench.tune`` first).
+cuSPARSELt's default plan (the exact dW unfused: cuBLAS, then a gather of the kept entries) and with
+the tuned plans (``python -m bench.tune`` first; role ``dw`` may pick the fused Triton GEMM).
 
     python -m bench.layer --shapes 4096x4096,4096x11008 --tokens 8192 --dtypes fp16,bf16
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,8 @@ def bench_sparse(in_f: int, out_f: int, tokens: int, dtype: torch.dtype) -> dict
         "weight_state_mb": _bytes(layer.values, layer.values, layer.idx, layer.keep_t, ops.weight,
                                   ops.weight_t) / 2**20,
         "step_peak_mb": _peak_step_mb(step),
+        # the exact dW's way: the fused Triton GEMM (and its tile) or cuBLAS + gather (the default plan)
+        "dw_plan": asdict(plans.plan_for("dw", tokens, out_f, in_f, dtype)),
     }
 
 

@@ -1,9 +1,10 @@
-"""Ship per-shape plans: tune the products of every linear shape (forward, input gradient and the
-MVUE weight gradient) and save the winners.
+"""Ship per-shape plans: tune the products of every linear shape (forward, input gradient, the
+exact weight gradient and the MVUE one) and save the winners.
 
 The measurement itself is :func:`dsparse.backends.tuning.tune_product` (every cuSPARSELt
 algorithm and result layout, run as dsparse runs them and checked against algorithm 0,
-dsparse's few-token kernel up to 64 tokens, and the dense GEMM); here the finalists are
+dsparse's few-token kernel up to 64 tokens, and the dense GEMM; for the exact weight gradient
+:func:`~dsparse.backends.tuning.tune_weight_grad`); here the finalists are
 timed as CUDA graphs (kernels alone), or with ``--timing eager`` as they run eagerly, host
 time included (decoding is host-bound). After
 every product all plans (merged into the existing file) go to a JSON file keyed by GPU and
@@ -23,7 +24,7 @@ import torch
 
 from bench.common import gpu_tag, write_result
 from dsparse.backends import plans
-from dsparse.backends.tuning import plan_of, tune_mvue_dw, tune_product
+from dsparse.backends.tuning import plan_of, tune_mvue_dw, tune_product, tune_weight_grad
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,7 +34,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
-ROLES = ("fwd", "dx", "dw_mvue")
+ROLES = ("fwd", "dx", "dw", "dw_mvue")
 
 
 def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str], path: str,
@@ -45,12 +46,15 @@ def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str
         for tokens in tokens_list:
             for dname in dtypes:
                 dtype = DTYPES[dname]
-                # forward: W (out, in) @ Xᵀ ; input gradient: W̃ᵀ (in, out) @ dYᵀ ; MVUE dW: S(dYᵀ) (out, T) @ X
-                for role, rows, k in (("fwd", out_f, in_f), ("dx", in_f, out_f), ("dw_mvue", in_f, out_f)):
+                # forward: W (out, in) @ Xᵀ ; input gradient: W̃ᵀ (in, out) @ dYᵀ ; dW: dYᵀ (out, T) @ X at the
+                # kept entries ; MVUE dW: S(dYᵀ) (out, T) @ X
+                for role, rows, k in (("fwd", out_f, in_f), ("dx", in_f, out_f), ("dw", in_f, out_f),
+                                      ("dw_mvue", in_f, out_f)):
                     if role not in roles:
                         continue
                     start = time.perf_counter()
-                    plan, timings = (tune_mvue_dw(k, rows, tokens, dtype, graph=graph) if role == "dw_mvue"
+                    weight_grad = {"dw": tune_weight_grad, "dw_mvue": tune_mvue_dw}.get(role)
+                    plan, timings = (weight_grad(k, rows, tokens, dtype, graph=graph) if weight_grad
                                      else tune_product(rows, k, tokens, dtype, graph=graph))
                     plans.set_plan(role, tokens, k, rows, dtype, plan)
                     plans.save_plans(path)
@@ -73,7 +77,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096,8192x8192", help="in x out, comma-separated")
     parser.add_argument("--tokens", default="4096,8192,16384", help="token counts, comma-separated")
     parser.add_argument("--dtypes", default="bf16,fp16", help="bf16 and/or fp16")
-    parser.add_argument("--roles", default=",".join(ROLES), help="products to tune: fwd, dx and/or dw_mvue")
+    parser.add_argument("--roles", default=",".join(ROLES), help="products to tune: fwd, dx, dw and/or dw_mvue")
     parser.add_argument("--timing", choices=["graph", "eager"], default="graph",
                         help="graph: the finalists' kernels alone; eager: with their host time (what a host-bound "
                              "decoding step pays)")

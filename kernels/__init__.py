@@ -8,7 +8,8 @@
 * :func:`lowrank_silu_mul` — the same onto a fused gate/up output, SwiGLU's gate as its epilogue.
 * :func:`bias_add` — ``y + bias`` (the r = 0 path of :func:`lowrank_addmm`).
 * :func:`gather_kept` — a dense matrix's entries at N:M positions (the weight gradient's
-  reduction to the kept entries).
+  reduction to the kept entries); :func:`weight_grad_kept` — ``dYᵀ X`` with that reduction in
+  the GEMM's epilogue (no dense temporary).
 * :func:`rms_norm_forward` / :func:`rms_norm_backward` — LLaMA's RMSNorm, one pass each way.
 * :func:`silu_mul_forward` / :func:`silu_mul_backward` — SwiGLU's ``silu(g)·u``, one pass each way.
 * :func:`rope_forward` / :func:`rope_backward` — the rotary embedding of queries or keys, one pass
@@ -28,6 +29,7 @@ this package was imported (see :mod:`kernels._triton`).
 None of them builds an autograd graph.
 """
 from .gather import gather_kept, gather_kept_reference
+from .kept_grad import weight_grad_kept, weight_grad_kept_reference
 from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference, lowrank_silu_mul
 from .mvue import (mvue_compress, mvue_compress_reference, mvue_compress_swiglu, mvue_transpose,
                    mvue_transpose_reference)
@@ -42,6 +44,8 @@ from .skinny_mma import skinny_mma_sparse_mm
 __all__ = [
     "gather_kept",
     "gather_kept_reference",
+    "weight_grad_kept",
+    "weight_grad_kept_reference",
     "transpose_values",
     "transpose_values_reference",
     "transpose_keep_and_slots",

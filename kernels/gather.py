@@ -65,6 +65,19 @@ def gather_kept_reference(dense: torch.Tensor, idx: torch.Tensor, n: int, m: int
     return torch.gather(dense, 1, src)
 
 
+def kept_output(what: str, like: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None, rows: int, kept: int,
+                **inputs: torch.Tensor) -> torch.Tensor:
+    """Check the positions ``idx`` (uint8 ``(rows, kept)``) and ``out`` (or make it: ``like``'s dtype and
+    device) of a kernel writing kept entries, all on ``like``'s device with ``inputs``; returns ``out``."""
+    check_2d(what, "idx", idx, shape=(rows, kept), dtypes=(torch.uint8,))
+    if out is None:
+        out = torch.empty(rows, kept, dtype=like.dtype, device=like.device)
+    else:
+        check_2d(what, "out", out, shape=(rows, kept), dtypes=(like.dtype,))
+    check_same_device(what, like, idx=idx, out=out, **inputs)
+    return out
+
+
 def gather_kept(dense: torch.Tensor, idx: torch.Tensor, n: int, m: int, *, out: torch.Tensor | None = None,
                 config: dict[str, int] | None = None) -> torch.Tensor:
     """The entries of ``dense`` ``(rows, cols)`` at the N:M positions ``idx`` (uint8, ``(rows, cols*n/m)``).
@@ -78,12 +91,7 @@ def gather_kept(dense: torch.Tensor, idx: torch.Tensor, n: int, m: int, *, out: 
     if not 0 < n < m or cols % m:
         raise ValueError(f"{what}: {cols} columns do not form groups of M = {m} (with 0 < N = {n} < M)")
     kept = cols // m * n
-    check_2d(what, "idx", idx, shape=(rows, kept), dtypes=(torch.uint8,))
-    if out is None:
-        out = torch.empty(rows, kept, dtype=dense.dtype, device=dense.device)
-    else:
-        check_2d(what, "out", out, shape=(rows, kept), dtypes=(dense.dtype,))
-    check_same_device(what, dense, idx=idx, out=out)
+    out = kept_output(what, dense, idx, out, rows, kept)
     if out.numel() == 0:
         return out
     cfg = {**CONFIG, **(config or {})}

@@ -49,16 +49,18 @@ def test_plans_round_trip_through_json_with_the_dense_and_skinny_flags(tmp_path)
     plans.set_plan("fwd", 8, 768, 3072, torch.bfloat16, Plan(3, True, dense=True, skinny=True))
     plans.set_plan("fwd", 8, 3072, 768, torch.bfloat16, Plan(2, True, skinny=True, mma=True))
     plans.set_plan("fwd", 8, 2048, 2560, torch.bfloat16, Plan(0, True, split_k=4, split_k_mode=2))
+    plans.set_plan("dw", 4096, 4096, 4096, torch.bfloat16, Plan(fused=True, tile=3))
     path = tmp_path / "saved.json"
     plans.save_plans(path)
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
     plans.clear_plans()
-    assert plans.load_plans(path) == 5
+    assert plans.load_plans(path) == 6
     assert plans.plan_for("fwd", 8192, 768, 3072, torch.bfloat16) == Plan(6, True, dense=True)
     assert plans.plan_for("dx", 8192, 3072, 768, torch.bfloat16) == Plan(17, True)
     assert plans.plan_for("fwd", 8, 768, 3072, torch.bfloat16) == Plan(3, True, dense=True, skinny=True)
     assert plans.plan_for("fwd", 8, 3072, 768, torch.bfloat16) == Plan(2, True, skinny=True, mma=True)
     assert plans.plan_for("fwd", 8, 2048, 2560, torch.bfloat16) == Plan(0, True, split_k=4, split_k_mode=2)
+    assert plans.plan_for("dw", 4096, 4096, 4096, torch.bfloat16) == Plan(fused=True, tile=3)
 
 
 def test_plan_files_from_before_the_dense_and_skinny_flags_still_load(tmp_path):
@@ -67,7 +69,7 @@ def test_plan_files_from_before_the_dense_and_skinny_flags_still_load(tmp_path):
                                  "alg_id": 20, "transpose_result": True}]))
     plans.load_plans(path)
     assert plans.plan_for("fwd", 8192, 2048, 2048, torch.bfloat16) == Plan(20, True, dense=False, skinny=False,
-                                                                            split_k=1, split_k_mode=0)
+                                                                            split_k=1, split_k_mode=0, fused=False)
 
 
 def test_the_shipped_h100_plans_parse():

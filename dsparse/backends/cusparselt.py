@@ -234,9 +234,10 @@ class CusparseltBackend(Backend):
         """With ``mvue_key``: the MVUE weight gradient as a cuSPARSELt product, ``dW = S(dYᵀ) X``
         (the same numbers as the reference). Where the shapes compress unpadded, one Triton pass
         writes ``S(dYᵀ)`` compressed (else cuSPARSELt compresses it), unless ``mvue_packed`` brings
-        it; the product reads ``X`` as it is."""
+        it; the product reads ``X`` as it is. Without: the exact gradient as its plan says
+        (:meth:`_exact_grad_values`)."""
         if mvue_key is None:
-            return super().grad_values(dy2d, x2d, idx, n, m, mvue_packed=mvue_packed)
+            return self._exact_grad_values(dy2d, x2d, idx, n, m, mvue_packed)
         from . import cslt_binding
 
         padded = padded_tokens(dy2d.shape[0])
@@ -256,6 +257,19 @@ class CusparseltBackend(Backend):
         else:
             dense = torch._cslt_sparse_mm(packed, x2d, alg_id=alg_id)  # (out, in) row-major
         return reduce_to_kept(dense, idx, n, m)
+
+    def _exact_grad_values(self, dy2d, x2d, idx, n, m, mvue_packed):
+        """``dYᵀX`` at the kept entries as its plan (role ``"dw"``) says: one Triton GEMM keeping them in
+        its epilogue (:func:`kernels.weight_grad_kept`), or the dense product then a gather."""
+        if mvue_packed is None and x2d.dtype == dy2d.dtype:
+            plan = plan_for("dw", dy2d.shape[0], dy2d.shape[1], x2d.shape[1], x2d.dtype)
+            if plan.fused:
+                from kernels import kept_grad
+
+                config = kept_grad.CONFIGS[plan.tile]
+                if kept_grad.kept_grad_applies(n, m, config):
+                    return kept_grad.weight_grad_kept(dy2d, x2d, idx, n, m, config=config)
+        return super().grad_values(dy2d, x2d, idx, n, m, mvue_packed=mvue_packed)
 
     def grad_input(self, ops: CompressedOperands, dy2d):
         if ops.weight_t is None:

@@ -1,17 +1,20 @@
-"""Per-shape execution plans for a sparse layer's products (forward, input gradient, MVUE weight gradient).
+"""Per-shape execution plans for a sparse layer's products (forward, input gradient, weight gradient).
 
 A plan says how one product runs: cuSPARSELt's algorithm id (and split-k, for few tokens)
 and whether cuSPARSELt writes the result transposed (row-major ``(tokens, features)``) or the
 backend copies it there, or dsparse's own few-token kernel on the same compressed operand (decoding), or a
 dense GEMM on the decompressed operand where that is faster (small, launch-bound layers;
-not for frozen inference models, which keep only the compressed operand). Plans are chosen by measurement (:mod:`.tuning`) and load once per
+not for frozen inference models, which keep only the compressed operand). The exact weight
+gradient's plan says whether cuBLAS's dense ``dYᵀX`` and a gather of the kept entries run, or
+one Triton GEMM that keeps them in its epilogue (:func:`kernels.weight_grad_kept`, and which
+tile). Plans are chosen by measurement (:mod:`.tuning`) and load once per
 process: first the tuned plans shipped for this GPU and cuSPARSELt version
 (``dsparse/backends/tuned/``), then the user's cache (:func:`default_cache_path`,
 overridable with ``DSPARSE_PLANS``). A product uses the plan tuned for its shape at the
 nearest token count within a factor of two. A shape seen for the first time is tuned on
 the spot, once, and the choice is added to the user's cache, so no product ever runs on
 an unmeasured guess; ``DSPARSE_AUTOTUNE=0`` turns that off (such products then run on
-cuSPARSELt's default, algorithm 0 untransposed).
+cuSPARSELt's default, algorithm 0 untransposed, and the weight gradient unfused).
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ class Plan:
     mma: bool = False  # with skinny: its CUDA kernel on the sparse tensor cores (kernels.skinny_mma_sparse_mm)
     split_k: int = 1  # cuSPARSELt's split-k factor for ``alg_id`` (1: none): few-token products fill the GPU
     split_k_mode: int = 0  # with split_k: cusparseLtSplitKMode_t (1: one kernel, 2: two kernels; 0: cuSPARSELt's)
+    fused: bool = False  # role "dw": kernels.weight_grad_kept (else cuBLAS's dYᵀX, then kernels.gather_kept)
+    tile: int = 0  # with fused: which of kernels.kept_grad.CONFIGS
 
     @classmethod
     def from_row(cls, row: dict) -> "Plan":
@@ -58,8 +63,9 @@ def _shape_key(role: str, k: int, n: int, dtype: torch.dtype | str) -> tuple[str
 
 
 def plan_for(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
-    """The plan for ``(tokens, k) x (k, n)``; ``role`` is ``"fwd"`` or ``"dx"``, or ``"dw_mvue"`` for
-    ``S (k, tokens) x X (tokens, n)``. Tunes unseen shapes (see module doc)."""
+    """The plan for ``(tokens, k) x (k, n)``; ``role`` is ``"fwd"`` or ``"dx"``, or ``"dw"`` / ``"dw_mvue"``
+    for the weight gradient ``dYᵀ (k, tokens) x X (tokens, n)`` / ``S(dYᵀ) (k, tokens) x X``. Tunes unseen
+    shapes (see module doc)."""
     if _default_only:
         return DEFAULT_PLAN
     memo_key = (role, tokens, k, n, dtype)
@@ -79,10 +85,10 @@ def _choose(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
         return plan
     if not (autotune_enabled() and torch.cuda.is_available()) or torch.cuda.is_current_stream_capturing():
         return DEFAULT_PLAN
-    from .tuning import tune_mvue_dw, tune_product
+    from .tuning import tune_mvue_dw, tune_product, tune_weight_grad
 
-    plan, _ = (tune_mvue_dw(k, n, _bucket(tokens), dtype) if role == "dw_mvue"
-               else tune_product(n, k, _bucket(tokens), dtype))
+    tune = {"dw": tune_weight_grad, "dw_mvue": tune_mvue_dw}.get(role)
+    plan, _ = tune(k, n, _bucket(tokens), dtype) if tune else tune_product(n, k, _bucket(tokens), dtype)
     log.info("dsparse: tuned %s (tokens %d, k %d, n %d, %s): %s", role, tokens, k, n, dtype, plan)
     set_plan(role, _bucket(tokens), k, n, dtype, plan)
     try:
@@ -130,7 +136,7 @@ def clear_plans() -> None:
 @contextlib.contextmanager
 def default_plans_only():
     """Run every product on cuSPARSELt's default plan inside the block (no tuned plans, no
-    tuning): the benchmarks' untuned baseline."""
+    tuning; the weight gradient unfused): the benchmarks' untuned baseline."""
     global _default_only
     previous, _default_only = _default_only, True
     try:

@@ -17,7 +17,8 @@ few-token kernel and the dense GEMM are then timed again. Results are checked ag
 chosen; times are eager (launch overhead included), which is what a training step pays.
 
 The MVUE weight gradient (``S(dYᵀ) X``, :func:`tune_mvue_dw`) is tuned the same way over
-cuSPARSELt's algorithms. Used on first sight of an untuned shape by :func:`dsparse.backends.plans.plan_for`, and
+cuSPARSELt's algorithms, and the exact one (:func:`tune_weight_grad`) between cuBLAS's dense
+``dYᵀX`` with a gather of the kept entries and the fused Triton GEMM's tiles. Used on first sight of an untuned shape by :func:`dsparse.backends.plans.plan_for`, and
 by ``python -m bench.tune`` (with CUDA-graph timing of the finalists) to ship plans.
 """
 from __future__ import annotations
@@ -133,30 +134,65 @@ def tune_mvue_dw(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, graph
     return _pick([Plan(alg) for alg in range(count)], run, run(Plan()).float(), graph)
 
 
-def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple[Plan, list[dict]]:
-    """Screen ``candidates`` (results checked against ``want``), re-time the fastest few with the
-    default, the skinny kernel and the dense GEMM, and return the best: ``dense`` if it beats every
-    sparse way, ``skinny`` if that kernel beats cuSPARSELt, and cuSPARSELt's best algorithm either way
-    (what runs where the others cannot)."""
+def tune_weight_grad(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, graph: bool = False
+                     ) -> tuple[Plan, list[dict]]:
+    """The fastest way to the exact weight gradient ``dYᵀ (rows, tokens) @ X (tokens, cols)`` at the
+    kept 2:4 entries, on the current GPU, and every timing: cuBLAS's dense product then
+    :func:`kernels.gather_kept` (the default plan), or :func:`kernels.weight_grad_kept` at each of its
+    tiles (``Plan(fused=True, tile=i)``)."""
+    from kernels import weight_grad_kept
+    from kernels.kept_grad import CONFIGS, kept_grad_applies
+
+    from .base import reduce_to_kept
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator(device=device).manual_seed(0)
+    dy = torch.randn(tokens, rows, device=device, dtype=dtype, generator=gen)
+    x = torch.randn(tokens, cols, device=device, dtype=dtype, generator=gen)
+    idx = nm.kept_positions(nm.nm_mask(torch.rand(rows, cols, device=device, generator=gen), 2, 4), 2, 4)
+
+    def run(plan: Plan) -> torch.Tensor:
+        if plan.fused:
+            return weight_grad_kept(dy, x, idx, 2, 4, config=CONFIGS[plan.tile])
+        return reduce_to_kept(dy.t().mm(x), idx, 2, 4)
+
+    candidates = [DEFAULT_PLAN] + [Plan(fused=True, tile=i) for i, c in enumerate(CONFIGS) if kept_grad_applies(2, 4, c)]
+    table = _time(candidates, run, run(DEFAULT_PLAN).float(), graph, keep=lambda r: plan_of(r) == DEFAULT_PLAN)
+    return plan_of(min((r for r in table if "ms" in r), key=lambda r: r["ms"])), table
+
+
+def _time(candidates: list[Plan], run, want: torch.Tensor, graph: bool, keep) -> list[dict]:
+    """Screen ``candidates`` (results checked against ``want``), then re-time the fastest few and those
+    rows ``keep`` names: the table of every candidate, with ``ms`` for the finalists."""
+    from triton.errors import TritonError
+
     table: list[dict] = []
     for plan in candidates:
         row = asdict(plan)
         try:
             err = ((run(plan).float() - want).norm() / want.norm()).item()
             if err > MAX_ERROR:
-                row["error"] = f"wrong result: relative error {err:.2g} from algorithm 0"
+                row["error"] = f"wrong result: relative error {err:.2g} from the default plan"
             else:
                 row["screen_ms"] = time_ms(lambda: run(plan), **SCREEN)
-        except RuntimeError as e:  # an algorithm this shape does not support (or an extension that did not build)
-            row["error"] = str(e).splitlines()[0]
+        except (RuntimeError, TritonError) as e:  # unsupported here (an algorithm, a tile's shared memory, a build)
+            row["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
         table.append(row)
     screened = sorted((r for r in table if "screen_ms" in r), key=lambda r: r["screen_ms"])
     finalists = [r for r in screened[:FINALISTS] if r["screen_ms"] <= NEAR * screened[0]["screen_ms"]]
-    for r in table:  # the default, the skinny kernel and the dense GEMM are always timed, to compare
-        if "screen_ms" in r and r not in finalists and (r["dense"] or r["skinny"] or plan_of(r) == DEFAULT_PLAN):
-            finalists.append(r)
+    finalists += [r for r in table if "screen_ms" in r and r not in finalists and keep(r)]
     for r in finalists:
         r["ms"] = time_ms(lambda: run(plan_of(r)), **FINAL, graph=graph)
+    return table
+
+
+def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple[Plan, list[dict]]:
+    """Time ``candidates`` (:func:`_time`; the default, the skinny kernel and the dense GEMM always among
+    the finalists, to compare) and return the best: ``dense`` if it beats every sparse way, ``skinny``
+    if that kernel beats cuSPARSELt, and cuSPARSELt's best algorithm either way (what runs where the
+    others cannot)."""
+    table = _time(candidates, run, want, graph, keep=lambda r: r["dense"] or r["skinny"] or plan_of(r) == DEFAULT_PLAN)
+    finalists = [r for r in table if "ms" in r]
     best_cslt = min((r for r in finalists if not (r["dense"] or r["skinny"])), key=lambda r: r["ms"])
     best_sparse = min((r for r in finalists if not r["dense"]), key=lambda r: r["ms"])
     best = min(finalists, key=lambda r: r["ms"])

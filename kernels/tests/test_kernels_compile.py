@@ -12,7 +12,9 @@ from kernels import (bias_add, gather_kept, lowrank_addmm, lowrank_silu_mul, mvu
                      rms_norm_forward,
                      rope_backward, rope_forward, silu_mul_backward, silu_mul_forward, skinny_sparse_mm,
                      transpose_keep_and_slots, transpose_values)
+from kernels import weight_grad_kept
 from kernels._testing import random_keep_t, random_kept
+from kernels.kept_grad import CONFIGS as KEPT_GRAD_CONFIGS
 from kernels._triton import capture_launches, compile_offline
 
 nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
@@ -67,6 +69,39 @@ def test_gather_kept_compiles(arch, dtype):
     _compile(lambda: gather_kept(torch.zeros(64, 128, dtype=dtype), idx, 2, 4), arch)
     # N and M not powers of two: the 3-D loads
     _compile(lambda: gather_kept(torch.zeros(64, 120, dtype=dtype), torch.zeros(64, 60, dtype=torch.uint8), 3, 6), arch)
+
+
+@pytest.mark.parametrize("arch, dtype, tiles", [(90, torch.bfloat16, range(len(KEPT_GRAD_CONFIGS))),
+                                                (90, torch.float16, range(len(KEPT_GRAD_CONFIGS))),
+                                                (80, torch.bfloat16, [0]), (90, torch.float32, [0])])
+def test_weight_grad_kept_compiles_to_tensor_core_code_without_spills(arch, dtype, tiles):
+    """Every tile a plan may choose builds; on Hopper, in fp16/bf16, its products are wgmma (asynchronous
+    warpgroup MMA) and, at most 255 registers a thread (a 128x256 fp32 accumulator takes 128 of them on 8
+    warps), nothing spills to local memory."""
+    _, idx = random_kept(256, 512, torch.bfloat16, "cpu", "randn")
+    dy, x = torch.zeros(512, 256, dtype=dtype), torch.zeros(512, 512, dtype=dtype)
+    # on CPU the wrapper runs the interpreter's way (fp32 products, a constexpr trip count): ask for the GPU's
+    gpu = {"IEEE": dtype == torch.float32, "STEPS": 0}
+    for tile in tiles:
+        compiled = _compile(lambda: weight_grad_kept(dy, x, idx, 2, 4, config=KEPT_GRAD_CONFIGS[tile]), arch, **gpu)
+        if arch == 90 and dtype != torch.float32:
+            ptx = compiled.asm["ptx"]
+            assert "wgmma.mma_async" in ptx, tile
+            assert " 0 bytes spill stores" in _ptxas_report(ptx, arch), KEPT_GRAD_CONFIGS[tile]
+
+
+def _ptxas_report(ptx: str, arch: int) -> str:
+    """What triton's bundled ptxas says (``-v``) building ``ptx`` for ``sm_<arch>``: registers and spills."""
+    import subprocess
+    import tempfile
+
+    suffix = "a" if arch == 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(f"{tmp}/k.ptx", "w") as f:
+            f.write(ptx)
+        done = subprocess.run([nvidia.get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", f"{tmp}/k.ptx", "-o",
+                               f"{tmp}/k.cubin"], capture_output=True, text=True, check=True)
+    return done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -6,7 +6,7 @@ from dsparse import SparseLinear
 from dsparse.backends import plans
 from dsparse.backends.cusparselt import skinny_applies
 from dsparse.backends.plans import Plan
-from dsparse.backends.tuning import tune_product
+from dsparse.backends.tuning import tune_product, tune_weight_grad
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_plans")]
 
@@ -102,3 +102,34 @@ def test_inference_without_training_state_runs_dense_plans_sparse():
     layer.prepare_inference(release_state=True)
     assert layer.values.numel() == 0
     assert _rel(layer(x), want) < 1e-2
+
+
+def test_weight_gradient_tuning_times_the_fused_tiles_against_cublas_and_gather():
+    from kernels.kept_grad import CONFIGS
+
+    plan, table = tune_weight_grad(2048, 2048, 4096, torch.bfloat16)
+    assert [(r["fused"], r["tile"]) for r in table] == [(False, 0)] + [(True, i) for i in range(len(CONFIGS))]
+    assert "ms" in table[0]  # the unfused way is always a finalist
+    fused = [r for r in table if r["fused"]]
+    assert any("screen_ms" in r for r in fused), [r.get("error") for r in fused]  # some tile built and was right
+    best = min((r for r in table if "ms" in r), key=lambda r: r["ms"])
+    assert (plan.fused, plan.tile) == (best["fused"], best["tile"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_fused_weight_gradient_plan_gives_the_unfused_gradient(dtype, monkeypatch):
+    monkeypatch.setenv("DSPARSE_AUTOTUNE", "0")  # the other products on algorithm 0: only dW's plan matters here
+    torch.manual_seed(0)
+    tokens, inp, out = 1000, 768, 1024  # tokens and rows not multiples of the tiles: the masked loads
+    layer = SparseLinear(inp, out, backend="cusparselt").to("cuda", dtype)
+    x = torch.randn(tokens, inp, device="cuda", dtype=dtype)
+    dy = torch.randn(tokens, out, device="cuda", dtype=dtype)
+    grads = []
+    for plan in (Plan(), Plan(fused=True, tile=0), Plan(fused=True, tile=4)):
+        plans.set_plan("dw", tokens, out, inp, dtype, plan)
+        layer(x).backward(dy)
+        grads.append(layer.values.grad)
+        layer.values.grad = None
+    want = (dy.float().t() @ x.float()).gather(1, (torch.arange(inp // 2, device="cuda") // 2 * 4 + layer.idx.long()))
+    for grad in grads:
+        assert _rel(grad, want) < 5e-3
