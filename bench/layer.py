@@ -3,7 +3,8 @@ whole step, memory.
 
 Every ratio is dense time / sparse time from the same run on the same GPU. Times are
 eager (what a training step pays, launch overhead included); the ``*_graph`` columns
-replay CUDA graphs and so show the kernels alone. The whole step's backward runs on the
+replay CUDA graphs and so show the kernels alone (``step_graph``: the whole step captured, forward and
+backward, so eager ``step`` minus it is what the host and any synchronization cost). The whole step's backward runs on the
 calling thread, as dsparse's engine runs it (``"autograd": {"multithreading": false}``), for
 dense and sparse alike; ``--autograd_threads`` hands it to torch's autograd thread (how runs
 before session 17 measured it). Sparse rows come twice: with
@@ -39,6 +40,15 @@ def _peak_step_mb(step) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _graph_ms(step) -> float | str:
+    """The whole step replayed as one CUDA graph (its kernels alone), or why it could not be captured."""
+    try:
+        return time_ms(step, graph=True)
+    except RuntimeError as e:  # recorded, not fatal: the eager columns stand without it
+        torch.cuda.synchronize()
+        return f"not captured: {str(e).splitlines()[0]}"
+
+
 def bench_dense(in_f: int, out_f: int, tokens: int, dtype: torch.dtype) -> dict:
     w = torch.randn(out_f, in_f, device="cuda", dtype=dtype, requires_grad=True)
     x = torch.randn(tokens, in_f, device="cuda", dtype=dtype, requires_grad=True)
@@ -53,6 +63,7 @@ def bench_dense(in_f: int, out_f: int, tokens: int, dtype: torch.dtype) -> dict:
         "dx": time_ms(lambda: dy.mm(w)),
         "dw": time_ms(lambda: dy.t().mm(x)),
         "step": time_ms(step),
+        "step_graph": _graph_ms(step),
         "fwd_graph": time_ms(lambda: F.linear(x, w), graph=True),
         "dx_graph": time_ms(lambda: dy.mm(w), graph=True),
         "weight_state_mb": _bytes(w, w) / 2**20,  # weight + its gradient
@@ -83,6 +94,7 @@ def bench_sparse(in_f: int, out_f: int, tokens: int, dtype: torch.dtype) -> dict
         "dw": time_ms(lambda: backend.grad_values(dy, x, layer.idx, 2, 4)),
         "dw_mvue": time_ms(lambda: backend.grad_values(dy, x, layer.idx, 2, 4, mvue_key=1)),  # sparse_linear's mvue_dw
         "step": time_ms(step),
+        "step_graph": _graph_ms(step),
         "fwd_graph": time_ms(lambda: backend.linear(ops, x, None), graph=True),
         "dx_graph": time_ms(lambda: backend.grad_input(ops, dy), graph=True),
         "refresh": time_ms(lambda: backend.refresh(ops, values, layer.idx, layer.keep_t, 2, 4)),
@@ -128,12 +140,15 @@ def run(args: argparse.Namespace) -> None:
                                                  for k in ("fwd", "dx", "dw", "step", "fwd_graph", "dx_graph")}
                     row[f"speedup_{variant}"]["dw_mvue"] = row["dense"]["dw"] / row[variant]["dw_mvue"]
                     row[f"speedup_{variant}"]["step_mvue"] = row["dense"]["step"] / row[variant]["step_mvue"]
+                    if all(isinstance(r["step_graph"], float) for r in (row["dense"], row[variant])):
+                        row[f"speedup_{variant}"]["step_graph"] = row["dense"]["step_graph"] / row[variant]["step_graph"]
                 row["memory_ratio"] = row["sparse_tuned"]["weight_state_mb"] / row["dense"]["weight_state_mb"]
                 s = row["speedup_sparse_tuned"]
                 print(f"{in_f:5d}x{out_f:<5d} T={tokens:5d} {dname}: fwd {s['fwd']:.2f}x dx {s['dx']:.2f}x "
                       f"dw {s['dw']:.2f}x step {s['step']:.2f}x (default plan step "
                       f"{row['speedup_sparse_default']['step']:.2f}x) graph fwd {s['fwd_graph']:.2f}x "
-                      f"dx {s['dx_graph']:.2f}x; MVUE dw {s['dw_mvue']:.2f}x step {s['step_mvue']:.2f}x", flush=True)
+                      f"dx {s['dx_graph']:.2f}x step {s.get('step_graph', float('nan')):.2f}x; MVUE dw "
+                      f"{s['dw_mvue']:.2f}x step {s['step_mvue']:.2f}x", flush=True)
                 rows.append(row)
                 write_result(args.out or f"bench/results/layer_{gpu_tag()}.json",  # after every row
                              {"args": vars(args), "rows": rows})

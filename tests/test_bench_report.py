@@ -77,17 +77,18 @@ def test_idle_gaps_merge_streams_and_group_gaps_by_neighbours():
     assert idle_gaps([], steps=1) == {}
 
 
-def test_layer_table_marks_rows_whose_weight_gradient_ran_fused(monkeypatch):
+def test_layer_table_marks_fused_weight_gradients_and_shows_graphed_steps(monkeypatch):
     speedups = {k: 1.0 for k in ("fwd", "dx", "dw", "step", "dw_mvue", "step_mvue")}
 
     def row(tokens, fused):
-        return {"in": 4096, "out": 4096, "tokens": tokens, "dtype": "bf16", "speedup_sparse_tuned": speedups,
-                "sparse_tuned": {"dw_plan": {"fused": fused, "tile": 2}}}
+        graphed = {"step_graph": 1.25} if fused else {}  # older rows have no graphed step
+        return {"in": 4096, "out": 4096, "tokens": tokens, "dtype": "bf16",
+                "speedup_sparse_tuned": {**speedups, **graphed}, "sparse_tuned": {"dw_plan": {"fused": fused, "tile": 2}}}
 
     data = {"environment": {"gpu": "test"}, "args": {"autograd_threads": False},
             "rows": [row(4096, True), row(8192, False)]}
     monkeypatch.setattr(report, "_load", lambda pattern: [("layer_test.json", data)] if "layer_" in pattern else [])
     lines = report.layer_table()
-    assert any("| 4096 | bf16 |" in line and "1.00x (fused)" in line for line in lines)
-    assert any("| 8192 | bf16 |" in line and "(fused)" not in line for line in lines)
+    assert any("| 4096 | bf16 |" in line and "1.00x (fused) | 1.00x | 1.25x | 1.00x" in line for line in lines)
+    assert any("| 8192 | bf16 |" in line and "| 1.00x | 1.00x | - | 1.00x" in line for line in lines)
     assert any("kernels.weight_grad_kept" in line for line in lines)
