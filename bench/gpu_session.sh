@@ -6,8 +6,9 @@
 #   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt, with and without its
 #                split-k, vs the few-token kernels vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
 #                'infer' (which would tune them on first use)
-#   tune-dw      tune the exact weight gradient of the benchmarked shapes: cuBLAS + gather vs the fused Triton GEMM's
-#                tiles (tune_<gpu>_dw.json; plans shipped as 'tune''s), before 'layer'
+#   tune-dw      tune the exact weight gradient of the benchmarked shapes and of llama-1b's step (8 x 2048 tokens):
+#                cuBLAS + gather vs the fused Triton GEMM's tiles (tune_<gpu>_dw*.json; plans shipped as 'tune''s),
+#                before 'layer' and the step parts
 #   layer        one layer dense vs sparse (MVUE dW included)
 #   kernels      the Triton kernels vs their torch references
 #   skinny       the few-token kernel's tile and split-k sweep on llama-1b's decode products (kernels_<gpu>_skinny.json)
@@ -82,7 +83,9 @@ for part in "$@"; do
     tune-decode)  timeout 200 python3 -m bench.tune --shapes 2048x2560,2048x2048,2048x11264,5632x2048 --tokens 8,16 \
                     --dtypes bf16 --roles fwd --timing graph --out bench/results/tune_${gpu}_decode.json ;;
     tune-dw)      timeout 300 python3 -m bench.tune --roles dw --tokens 4096,8192,16384 \
-                    --out bench/results/tune_${gpu}_dw.json ;;
+                    --out bench/results/tune_${gpu}_dw.json
+                  timeout 150 python3 -m bench.tune --roles dw --shapes 2048x2560,2048x2048,2048x11264,5632x2048 \
+                    --tokens 16384 --dtypes bf16 --out bench/results/tune_${gpu}_dw_llama1b.json ;;
     layer)        timeout 200 python3 -m bench.layer ;;
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
     skinny)       timeout 150 python3 -m bench.kernels --sections skinny --out bench/results/kernels_${gpu}_skinny.json ;;
