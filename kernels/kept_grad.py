@@ -35,7 +35,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _kept_grad_kernel(
     dy_ptr, x_ptr, i_ptr, o_ptr, tokens, rows, cols,
     sdy0, sdy1, sx0, sx1, si0, si1, so0, so1,
-    N: tl.constexpr, M: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr, STEPS: tl.constexpr,
+    N: tl.constexpr, M: tl.constexpr, IEEE: tl.constexpr, EVEN_T: tl.constexpr, EVEN_RC: tl.constexpr,
+    STEPS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_R: tl.constexpr,
 ):
     # programs walk GROUP_R row tiles per column tile (L2 reuse of X's tiles), as Triton's matmul tutorial
@@ -57,12 +58,16 @@ def _kept_grad_kernel(
     # STEPS: the trip count as a constexpr for the interpreter (0 when compiled), which under numpy >= 2.4
     # cannot take a runtime one: it turns every assigned value and argument into a 1-element array
     for step in range(STEPS if STEPS else (tokens + BLOCK_T - 1) // BLOCK_T):
-        t0 = step * BLOCK_T
-        if EVEN:
+        # masks only where a tile passes an edge (2-D masks take registers the accumulator needs)
+        if EVEN_T and EVEN_RC:
             a = tl.load(dy_ptrs)
             b = tl.load(x_ptrs)
+        elif EVEN_RC:  # the last step's tokens past the end add zeros
+            live = (step * BLOCK_T + t)[:, None] < tokens
+            a = tl.load(dy_ptrs, mask=live, other=0.0)
+            b = tl.load(x_ptrs, mask=live, other=0.0)
         else:
-            live = (t0 + t)[:, None] < tokens
+            live = (step * BLOCK_T + t)[:, None] < tokens
             a = tl.load(dy_ptrs, mask=live & (r[None, :] < rows), other=0.0)
             b = tl.load(x_ptrs, mask=live & (c[None, :] < cols), other=0.0)
         if IEEE:  # fp32 operands, or the interpreter (its tl.dot multiplies bf16 bit patterns as integers)
@@ -126,9 +131,10 @@ def weight_grad_kept(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, n: in
         return out.zero_()
     interpreted = _KERNEL.is_interpreted(dy.device)
     ieee = dy.dtype == torch.float32 or interpreted
-    even = tokens % cfg["BLOCK_T"] == 0 and rows % cfg["BLOCK_R"] == 0 and cols % cfg["BLOCK_C"] == 0
     grid = (cdiv(rows, cfg["BLOCK_R"]) * cdiv(cols, cfg["BLOCK_C"]),)
     _KERNEL.launch(dy.device, grid, dy, x, idx, out, tokens, rows, cols, dy.stride(0), dy.stride(1),
                    x.stride(0), x.stride(1), idx.stride(0), idx.stride(1), out.stride(0), out.stride(1),
-                   N=n, M=m, IEEE=ieee, EVEN=even, STEPS=cdiv(tokens, cfg["BLOCK_T"]) if interpreted else 0, **cfg)
+                   N=n, M=m, IEEE=ieee, EVEN_T=tokens % cfg["BLOCK_T"] == 0,
+                   EVEN_RC=rows % cfg["BLOCK_R"] == 0 and cols % cfg["BLOCK_C"] == 0,
+                   STEPS=cdiv(tokens, cfg["BLOCK_T"]) if interpreted else 0, **cfg)
     return out
