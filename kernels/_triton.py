@@ -29,6 +29,7 @@ import triton
 from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = ["SUM", "DualKernel", "cdiv", "next_power_of_2", "check_same_device", "check_2d", "device_guard",
            "capture_launches", "compile_offline"]
@@ -105,8 +106,8 @@ class DualKernel:
 
 def _launch_key(index: int, args: tuple, kwargs: dict[str, Any]) -> tuple:
     """What Triton compiles a launch for, with the device: each tensor's dtype and 16-byte alignment,
-    each integer's width class and whether it is 1 or a multiple of 16, a float's type, and the
-    constexprs. One loop, not a call per argument: a training step launches hundreds of kernels."""
+    each integer's width class and whether it is 1 or a multiple of 16, a float's type, a tensor
+    descriptor's element type and block shape, and the constexprs. One loop, not a call per argument: a training step launches hundreds of kernels."""
     key: list = [index]
     for arg in args:
         if isinstance(arg, torch.Tensor):
@@ -116,6 +117,8 @@ def _launch_key(index: int, args: tuple, kwargs: dict[str, Any]) -> tuple:
             key.append((width, arg == 1, arg % 16 == 0))
         elif arg is None or type(arg) is bool:
             key.append(arg)
+        elif isinstance(arg, TensorDescriptor):  # specialized on its element type and block shape
+            key.append((arg.base.dtype, tuple(arg.block_shape), arg.padding))
         else:
             key.append(type(arg))
     key.extend(kwargs.items())

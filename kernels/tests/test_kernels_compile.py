@@ -4,8 +4,6 @@ The CPU tests run the kernels through the interpreter, which accepts code the co
 rejects (e.g. non-constexpr globals); this catches that on CPU-only machines. Launches
 are captured, not run, so the arguments are specialized exactly as on the GPU.
 """
-import itertools
-
 import pytest
 import torch
 
@@ -73,22 +71,30 @@ def test_gather_kept_compiles(arch, dtype):
     _compile(lambda: gather_kept(torch.zeros(64, 120, dtype=dtype), torch.zeros(64, 60, dtype=torch.uint8), 3, 6), arch)
 
 
-@pytest.mark.parametrize("arch, dtype, tiles", [(90, torch.bfloat16, range(len(KEPT_GRAD_CONFIGS))),
-                                                (90, torch.float16, [0]),
-                                                (80, torch.bfloat16, [0]), (90, torch.float32, [4])])
-def test_weight_grad_kept_compiles_to_tensor_core_code_without_spills(arch, dtype, tiles):
+_TMA_TILE = next(i for i, c in enumerate(KEPT_GRAD_CONFIGS) if c.get("TMA"))
+
+
+@pytest.mark.parametrize("arch, dtype, tiles, tokens", [(90, torch.bfloat16, range(len(KEPT_GRAD_CONFIGS)), 512),
+                                                        (90, torch.bfloat16, [0, _TMA_TILE], 500),  # a masked tail
+                                                        (90, torch.float16, [0, _TMA_TILE], 512),
+                                                        (80, torch.bfloat16, [0], 512), (90, torch.float32, [4], 512)])
+def test_weight_grad_kept_compiles_to_tensor_core_code_without_spills(arch, dtype, tiles, tokens):
     """Every tile a plan may choose builds; on Hopper, in fp16/bf16, its products are wgmma (asynchronous
-    warpgroup MMA) and, at most 255 registers a thread (a 128x256 fp32 accumulator takes 128 of them on 8
-    warps), nothing spills to local memory where the tiles divide the gradient (any token count)."""
+    warpgroup MMA), TMA tiles load through the tensor memory accelerator, and, at most 255 registers a
+    thread (a 128x256 fp32 accumulator takes 128 of them on 8 warps), nothing spills to local memory
+    where the tiles divide the gradient (any token count)."""
     _, idx = random_kept(256, 512, torch.bfloat16, "cpu", "randn")
+    dy, x = torch.zeros(tokens, 256, dtype=dtype), torch.zeros(tokens, 512, dtype=dtype)
     # on CPU the wrapper runs the interpreter's way (fp32 products, a constexpr trip count): ask for the GPU's
     gpu = {"IEEE": dtype == torch.float32, "STEPS": 0}
-    for tile, tokens in itertools.product(tiles, (512, 500)):  # 500: the last step's tokens masked
-        dy, x = torch.zeros(tokens, 256, dtype=dtype), torch.zeros(tokens, 512, dtype=dtype)
+    for tile in tiles:
         compiled = _compile(lambda: weight_grad_kept(dy, x, idx, 2, 4, config=KEPT_GRAD_CONFIGS[tile]), arch, **gpu)
         if arch == 90 and dtype != torch.float32:
             ptx = compiled.asm["ptx"]
             assert "wgmma.mma_async" in ptx, tile
+            # TMA tiles copy whole tiles with the tensor memory accelerator (the interpreter's launch, captured
+            # here, took them: the tensors allow it)
+            assert ("cp.async.bulk.tensor" in ptx) == bool(KEPT_GRAD_CONFIGS[tile].get("TMA")), tile
             assert " 0 bytes spill stores" in _ptxas_report(ptx, arch), KEPT_GRAD_CONFIGS[tile]
 
 

@@ -3,7 +3,7 @@ import torch
 
 from dsparse import nm
 from kernels import gather_kept, weight_grad_kept, weight_grad_kept_reference
-from kernels.kept_grad import CONFIGS, kept_grad_applies
+from kernels.kept_grad import CONFIGS, kept_grad_applies, tma_reads
 
 SMALL = {"BLOCK_R": 32, "BLOCK_C": 64, "BLOCK_T": 16, "GROUP_R": 2}  # several tiles on test-sized shapes
 
@@ -59,6 +59,18 @@ def test_every_shipped_tile_computes_the_same(device):
     for config in CONFIGS:
         assert kept_grad_applies(2, 4, config)
         assert _close(weight_grad_kept(dy, x, idx, 2, 4, config=config), want, 128), config
+
+
+def test_a_tma_tile_reads_tensors_tma_cannot_take_with_pointer_loads(device):
+    dy, x, idx = _operands(40, 64, 128, torch.bfloat16, device)
+    wide = torch.zeros(40, 132, dtype=torch.bfloat16, device=device)
+    wide[:, :128] = x
+    ragged = wide[:, :128]  # rows 264 bytes apart: not 16-byte aligned
+    tma = {**SMALL, "TMA": True}
+    assert tma_reads(dy, x, True) and not tma_reads(dy, ragged, True)
+    want = weight_grad_kept(dy, x, idx, 2, 4, config=SMALL)
+    assert torch.equal(weight_grad_kept(dy, x, idx, 2, 4, config=tma), want)
+    assert torch.equal(weight_grad_kept(dy, ragged, idx, 2, 4, config=tma), want)
 
 
 def test_no_tokens_gives_zeros(device):

@@ -125,7 +125,10 @@ def test_a_fused_weight_gradient_plan_gives_the_unfused_gradient(dtype, monkeypa
     x = torch.randn(tokens, inp, device="cuda", dtype=dtype)
     dy = torch.randn(tokens, out, device="cuda", dtype=dtype)
     grads = []
-    for plan in (Plan(), Plan(fused=True, tile=0), Plan(fused=True, tile=4)):
+    from kernels.kept_grad import CONFIGS
+
+    tma = next(i for i, c in enumerate(CONFIGS) if c.get("TMA"))
+    for plan in (Plan(), Plan(fused=True, tile=0), Plan(fused=True, tile=4), Plan(fused=True, tile=tma)):
         plans.set_plan("dw", tokens, out, inp, dtype, plan)
         layer(x).backward(dy)
         grads.append(layer.values.grad)
