@@ -2,6 +2,8 @@
 # The GPU checks and benchmarks, in parts that each fit a 10-minute device call (several per call where
 # they fit):   bash bench/gpu_session.sh PART [PART ...]
 #   tests        pytest -m gpu over tests/ and kernels/
+#   tests-unrun  the GPU tests of code written while no GPU was lent (sessions 17-18: the mma.sp probe and kernel,
+#                cuSPARSELt's split-k plans, fused CUDA-graph decoding steps, the fused weight gradient)
 #   tune         tune the plans of the benchmarked shapes (shipped in dsparse/backends/tuned)
 #   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt, with and without its
 #                split-k, vs the few-token kernels vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
@@ -79,6 +81,9 @@ for part in "$@"; do
   echo "=== $part $(date +%T)"
   case "$part" in
     tests)        timeout 450 python3 -m pytest -q -m gpu tests kernels ;;
+    tests-unrun)  timeout 400 python3 -m pytest -q -m gpu kernels/tests/test_kernels_skinny_mma.py \
+                    kernels/tests/test_kernels_kept_grad.py tests/gpu/test_cslt_binding_gpu.py tests/gpu/test_plans_gpu.py \
+                    tests/gpu/test_decode_gpu.py tests/test_fused.py ;;
     tune)         timeout 240 python3 -m bench.tune --tokens 8192,16384 ;;
     tune-decode)  timeout 200 python3 -m bench.tune --shapes 2048x2560,2048x2048,2048x11264,5632x2048 --tokens 8,16 \
                     --dtypes bf16 --roles fwd --timing graph --out bench/results/tune_${gpu}_decode.json ;;
