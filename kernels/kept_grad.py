@@ -11,7 +11,7 @@ registers (``tl.gather``) and stores only those, rounded once. Tiles with ``"TMA
 and ``X`` through Hopper's tensor memory accelerator (host-built tensor descriptors: whole tiles
 copied asynchronously into shared memory, zeros past every edge, no address registers), the
 others with pointer loads. Which way runs is a per-shape plan (role ``"dw"``,
-:mod:`dsparse.backends.plans`), chosen by measurement among :data:`CONFIGS`.
+:mod:`dsparse.backends.plans`), chosen by measurement among :data:`TILES`.
 """
 from __future__ import annotations
 
@@ -22,10 +22,16 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._triton import DualKernel, cdiv, check_2d
 from .gather import gather_kept_reference, kept_output
 
-__all__ = ["CONFIGS", "kept_grad_applies", "tma_reads", "weight_grad_kept", "weight_grad_kept_reference"]
+__all__ = ["DEFAULT_TILE", "TILES", "kept_grad_applies", "tma_reads", "weight_grad_kept", "weight_grad_kept_reference"]
 
-# Tile shapes a plan chooses among (Triton's matmul tiles for Hopper: BLOCK_T is the reduction step).
-CONFIGS: tuple[dict[str, int | bool], ...] = (
+def _tile_name(cfg: dict[str, int | bool]) -> str:
+    tma = "_tma" if cfg.get("TMA") else ""
+    return f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}x{cfg['BLOCK_T']}_w{cfg['num_warps']}_s{cfg['num_stages']}{tma}"
+
+
+# The tiles a plan chooses among, by name (plans store the name, so a reordered list cannot change what
+# a stored plan runs): Triton's matmul tiles for Hopper, BLOCK_T the reduction step.
+TILES: dict[str, dict[str, int | bool]] = {_tile_name(c): c for c in (
     {"BLOCK_R": 128, "BLOCK_C": 256, "BLOCK_T": 64, "GROUP_R": 8, "num_warps": 8, "num_stages": 3},
     {"BLOCK_R": 256, "BLOCK_C": 128, "BLOCK_T": 64, "GROUP_R": 8, "num_warps": 8, "num_stages": 3},
     {"BLOCK_R": 128, "BLOCK_C": 128, "BLOCK_T": 64, "GROUP_R": 8, "num_warps": 8, "num_stages": 4},
@@ -36,7 +42,8 @@ CONFIGS: tuple[dict[str, int | bool], ...] = (
     {"BLOCK_R": 128, "BLOCK_C": 256, "BLOCK_T": 64, "GROUP_R": 8, "num_warps": 8, "num_stages": 4, "TMA": True},
     {"BLOCK_R": 256, "BLOCK_C": 128, "BLOCK_T": 64, "GROUP_R": 8, "num_warps": 8, "num_stages": 3, "TMA": True},
     {"BLOCK_R": 128, "BLOCK_C": 128, "BLOCK_T": 64, "GROUP_R": 8, "num_warps": 8, "num_stages": 4, "TMA": True},
-)
+)}
+DEFAULT_TILE = next(iter(TILES))
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -131,7 +138,7 @@ def weight_grad_kept(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, n: in
     with fp32 sums; fp32 in full fp32), any strides; ``idx`` uint8 ``(out, in*n/m)`` (sorted
     positions within each group, as ``dsparse.nm.kept_positions``). Returns ``(out, in*n/m)`` in
     ``dy``'s dtype (``out=``: written there). Equal to :func:`weight_grad_kept_reference` up to the
-    order of the fp32 sums. ``config``: one of :data:`CONFIGS` (the first by default; plans choose);
+    order of the fp32 sums. ``config``: one of :data:`TILES` (:data:`DEFAULT_TILE` by default; plans choose);
     a ``"TMA"`` tile reads with pointer loads instead where :func:`tma_reads` says the tensors or the
     GPU do not allow TMA (the same result). CPU tensors run through the Triton interpreter (slow: for
     tests).
@@ -142,7 +149,7 @@ def weight_grad_kept(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, n: in
     (tokens, rows), cols = dy.shape, x.shape[1]
     if x.shape[0] != tokens:
         raise ValueError(f"{what}: dy has {tokens} tokens (rows) but x has {x.shape[0]}")
-    cfg = dict(config or CONFIGS[0])
+    cfg = dict(config or TILES[DEFAULT_TILE])
     if not kept_grad_applies(n, m, cfg) or cols % m:
         raise ValueError(f"{what}: {n}:{m} on {cols} input columns with BLOCK_C = {cfg['BLOCK_C']} is not supported: "
                          "N and M must be powers of two (0 < N < M), M must divide the columns and BLOCK_C; "

@@ -83,7 +83,7 @@ def test_layer_table_marks_fused_weight_gradients_and_shows_graphed_steps(monkey
     def row(tokens, fused):
         graphed = {"step_graph": 1.25} if fused else {}  # older rows have no graphed step
         return {"in": 4096, "out": 4096, "tokens": tokens, "dtype": "bf16",
-                "speedup_sparse_tuned": {**speedups, **graphed}, "sparse_tuned": {"dw_plan": {"fused": fused, "tile": 2}}}
+                "speedup_sparse_tuned": {**speedups, **graphed}, "sparse_tuned": {"dw_plan": {"dw_tile": "128x128x64_w8_s4" if fused else ""}}}
 
     data = {"environment": {"gpu": "test"}, "args": {"autograd_threads": False},
             "rows": [row(4096, True), row(8192, False)]}

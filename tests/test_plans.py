@@ -6,6 +6,7 @@ import torch
 
 from dsparse.backends import plans
 from dsparse.backends.plans import DEFAULT_PLAN, Plan
+from kernels.kept_grad import TILES
 
 pytestmark = pytest.mark.usefixtures("fresh_plans")
 
@@ -49,7 +50,8 @@ def test_plans_round_trip_through_json_with_the_dense_and_skinny_flags(tmp_path)
     plans.set_plan("fwd", 8, 768, 3072, torch.bfloat16, Plan(3, True, dense=True, skinny=True))
     plans.set_plan("fwd", 8, 3072, 768, torch.bfloat16, Plan(2, True, skinny=True, mma=True))
     plans.set_plan("fwd", 8, 2048, 2560, torch.bfloat16, Plan(0, True, split_k=4, split_k_mode=2))
-    plans.set_plan("dw", 4096, 4096, 4096, torch.bfloat16, Plan(fused=True, tile=3))
+    tile = next(iter(TILES))
+    plans.set_plan("dw", 4096, 4096, 4096, torch.bfloat16, Plan(dw_tile=tile))
     path = tmp_path / "saved.json"
     plans.save_plans(path)
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
@@ -60,7 +62,7 @@ def test_plans_round_trip_through_json_with_the_dense_and_skinny_flags(tmp_path)
     assert plans.plan_for("fwd", 8, 768, 3072, torch.bfloat16) == Plan(3, True, dense=True, skinny=True)
     assert plans.plan_for("fwd", 8, 3072, 768, torch.bfloat16) == Plan(2, True, skinny=True, mma=True)
     assert plans.plan_for("fwd", 8, 2048, 2560, torch.bfloat16) == Plan(0, True, split_k=4, split_k_mode=2)
-    assert plans.plan_for("dw", 4096, 4096, 4096, torch.bfloat16) == Plan(fused=True, tile=3)
+    assert plans.plan_for("dw", 4096, 4096, 4096, torch.bfloat16) == Plan(dw_tile=tile)
 
 
 def test_plan_files_from_before_the_dense_and_skinny_flags_still_load(tmp_path):
@@ -69,7 +71,17 @@ def test_plan_files_from_before_the_dense_and_skinny_flags_still_load(tmp_path):
                                  "alg_id": 20, "transpose_result": True}]))
     plans.load_plans(path)
     assert plans.plan_for("fwd", 8192, 2048, 2048, torch.bfloat16) == Plan(20, True, dense=False, skinny=False,
-                                                                            split_k=1, split_k_mode=0, fused=False)
+                                                                            split_k=1, split_k_mode=0, dw_tile="")
+
+
+def test_a_weight_gradient_plan_on_a_tile_this_version_lacks_is_left_out(tmp_path, caplog):
+    path = tmp_path / "other_version.json"
+    rows = [{"role": "dw", "tokens": 8192, "k": 2048, "n": 2048, "dtype": "bfloat16", "dw_tile": name}
+            for name in ("512x512x8_w1_s9", next(iter(TILES)))]
+    path.write_text(json.dumps(rows))
+    assert plans.load_plans(path) == 1
+    assert "512x512x8_w1_s9" in caplog.text and "tuned again on first use" in caplog.text
+    assert plans.plan_for("dw", 8192, 2048, 2048, torch.bfloat16) == Plan(dw_tile=next(iter(TILES)))
 
 
 def test_the_shipped_h100_plans_parse():

@@ -262,11 +262,11 @@ class CusparseltBackend(Backend):
         """``dYᵀX`` at the kept entries as its plan (role ``"dw"``) says: one Triton GEMM keeping them in
         its epilogue (:func:`kernels.weight_grad_kept`), or the dense product then a gather."""
         if mvue_packed is None and x2d.dtype == dy2d.dtype:
-            plan = plan_for("dw", dy2d.shape[0], dy2d.shape[1], x2d.shape[1], x2d.dtype)
-            if plan.fused:
+            tile = plan_for("dw", dy2d.shape[0], dy2d.shape[1], x2d.shape[1], x2d.dtype).dw_tile
+            if tile:
                 from kernels import kept_grad
 
-                config = kept_grad.CONFIGS[plan.tile]
+                config = kept_grad.TILES[tile]  # (load_plans drops plans naming tiles this version lacks)
                 if kept_grad.kept_grad_applies(n, m, config):
                     return kept_grad.weight_grad_kept(dy2d, x2d, idx, n, m, config=config)
         return super().grad_values(dy2d, x2d, idx, n, m, mvue_packed=mvue_packed)

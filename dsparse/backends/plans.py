@@ -6,7 +6,7 @@ backend copies it there, or dsparse's own few-token kernel on the same compresse
 dense GEMM on the decompressed operand where that is faster (small, launch-bound layers;
 not for frozen inference models, which keep only the compressed operand). The exact weight
 gradient's plan says whether cuBLAS's dense ``dYᵀX`` and a gather of the kept entries run, or
-one Triton GEMM that keeps them in its epilogue (:func:`kernels.weight_grad_kept`, and which
+one Triton GEMM that keeps them in its epilogue (:func:`kernels.weight_grad_kept`, and on which
 tile). Plans are chosen by measurement (:mod:`.tuning`) and load once per
 process: first the tuned plans shipped for this GPU and cuSPARSELt version
 (``dsparse/backends/tuned/``), then the user's cache (:func:`default_cache_path`,
@@ -39,8 +39,8 @@ class Plan:
     mma: bool = False  # with skinny: its CUDA kernel on the sparse tensor cores (kernels.skinny_mma_sparse_mm)
     split_k: int = 1  # cuSPARSELt's split-k factor for ``alg_id`` (1: none): few-token products fill the GPU
     split_k_mode: int = 0  # with split_k: cusparseLtSplitKMode_t (1: one kernel, 2: two kernels; 0: cuSPARSELt's)
-    fused: bool = False  # role "dw": kernels.weight_grad_kept (else cuBLAS's dYᵀX, then kernels.gather_kept)
-    tile: int = 0  # with fused: which of kernels.kept_grad.CONFIGS
+    dw_tile: str = ""  # role "dw": kernels.weight_grad_kept on this tile (a key of kernels.kept_grad.TILES);
+    # empty: cuBLAS's dYᵀX, then kernels.gather_kept
 
     @classmethod
     def from_row(cls, row: dict) -> "Plan":
@@ -172,14 +172,26 @@ def save_plans(path: str | os.PathLike) -> None:
 
 
 def load_plans(path: str | os.PathLike) -> int:
-    """Install the plans of a JSON file written by :func:`save_plans`; returns how many."""
+    """Install the plans of a JSON file written by :func:`save_plans`; returns how many. A weight-gradient
+    plan naming a tile this version's kernels lack (a file from another version) is left out, so its
+    shape is tuned again on first use."""
     global _loaded
+    from kernels.kept_grad import TILES
+
     with open(path) as f:
         rows = json.load(f)
+    installed = 0
     for row in rows:
-        set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"], Plan.from_row(row))
+        plan = Plan.from_row(row)
+        if plan.dw_tile and plan.dw_tile not in TILES:
+            log.warning("dsparse: %s: left out a weight-gradient plan on tile %r, which kernels.kept_grad.TILES "
+                        "lacks (a plan file from another version); that shape is tuned again on first use",
+                        path, plan.dw_tile)
+            continue
+        set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"], plan)
+        installed += 1
     _loaded = True
-    return len(rows)
+    return installed
 
 
 def load_default_plans() -> None:

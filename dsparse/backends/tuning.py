@@ -138,10 +138,10 @@ def tune_weight_grad(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, g
                      ) -> tuple[Plan, list[dict]]:
     """The fastest way to the exact weight gradient ``dYᵀ (rows, tokens) @ X (tokens, cols)`` at the
     kept 2:4 entries, on the current GPU, and every timing: cuBLAS's dense product then
-    :func:`kernels.gather_kept` (the default plan), or :func:`kernels.weight_grad_kept` at each of its
-    tiles (``Plan(fused=True, tile=i)``)."""
+    :func:`kernels.gather_kept` (the default plan), or :func:`kernels.weight_grad_kept` on each of its
+    tiles (``Plan(dw_tile=name)``)."""
     from kernels import weight_grad_kept
-    from kernels.kept_grad import CONFIGS, kept_grad_applies
+    from kernels.kept_grad import TILES, kept_grad_applies
 
     from .base import reduce_to_kept
 
@@ -152,11 +152,11 @@ def tune_weight_grad(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, g
     idx = nm.kept_positions(nm.nm_mask(torch.rand(rows, cols, device=device, generator=gen), 2, 4), 2, 4)
 
     def run(plan: Plan) -> torch.Tensor:
-        if plan.fused:
-            return weight_grad_kept(dy, x, idx, 2, 4, config=CONFIGS[plan.tile])
+        if plan.dw_tile:
+            return weight_grad_kept(dy, x, idx, 2, 4, config=TILES[plan.dw_tile])
         return reduce_to_kept(dy.t().mm(x), idx, 2, 4)
 
-    candidates = [DEFAULT_PLAN] + [Plan(fused=True, tile=i) for i, c in enumerate(CONFIGS) if kept_grad_applies(2, 4, c)]
+    candidates = [DEFAULT_PLAN] + [Plan(dw_tile=name) for name, c in TILES.items() if kept_grad_applies(2, 4, c)]
     table = _time(candidates, run, run(DEFAULT_PLAN).float(), graph, keep=lambda r: plan_of(r) == DEFAULT_PLAN)
     return plan_of(min((r for r in table if "ms" in r), key=lambda r: r["ms"])), table
 

@@ -14,7 +14,7 @@ from kernels import (bias_add, gather_kept, lowrank_addmm, lowrank_silu_mul, mvu
                      transpose_keep_and_slots, transpose_values)
 from kernels import weight_grad_kept
 from kernels._testing import random_keep_t, random_kept
-from kernels.kept_grad import CONFIGS as KEPT_GRAD_CONFIGS
+from kernels.kept_grad import TILES as KEPT_GRAD_TILES
 from kernels._triton import capture_launches, compile_offline
 
 nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
@@ -71,13 +71,15 @@ def test_gather_kept_compiles(arch, dtype):
     _compile(lambda: gather_kept(torch.zeros(64, 120, dtype=dtype), torch.zeros(64, 60, dtype=torch.uint8), 3, 6), arch)
 
 
-_TMA_TILE = next(i for i, c in enumerate(KEPT_GRAD_CONFIGS) if c.get("TMA"))
+_TMA_TILE = next(name for name, c in KEPT_GRAD_TILES.items() if c.get("TMA"))
+_POINTER_TILE = next(iter(KEPT_GRAD_TILES))
 
 
-@pytest.mark.parametrize("arch, dtype, tiles, tokens", [(90, torch.bfloat16, range(len(KEPT_GRAD_CONFIGS)), 512),
-                                                        (90, torch.bfloat16, [0, _TMA_TILE], 500),  # a masked tail
-                                                        (90, torch.float16, [0, _TMA_TILE], 512),
-                                                        (80, torch.bfloat16, [0], 512), (90, torch.float32, [4], 512)])
+@pytest.mark.parametrize("arch, dtype, tiles, tokens", [(90, torch.bfloat16, list(KEPT_GRAD_TILES), 512),
+                                                        (90, torch.bfloat16, [_POINTER_TILE, _TMA_TILE], 500),  # a tail
+                                                        (90, torch.float16, [_POINTER_TILE, _TMA_TILE], 512),
+                                                        (80, torch.bfloat16, [_POINTER_TILE], 512),
+                                                        (90, torch.float32, ["128x64x64_w4_s4"], 512)])
 def test_weight_grad_kept_compiles_to_tensor_core_code_without_spills(arch, dtype, tiles, tokens):
     """Every tile a plan may choose builds; on Hopper, in fp16/bf16, its products are wgmma (asynchronous
     warpgroup MMA), TMA tiles load through the tensor memory accelerator, and, at most 255 registers a
@@ -88,14 +90,14 @@ def test_weight_grad_kept_compiles_to_tensor_core_code_without_spills(arch, dtyp
     # on CPU the wrapper runs the interpreter's way (fp32 products, a constexpr trip count): ask for the GPU's
     gpu = {"IEEE": dtype == torch.float32, "STEPS": 0}
     for tile in tiles:
-        compiled = _compile(lambda: weight_grad_kept(dy, x, idx, 2, 4, config=KEPT_GRAD_CONFIGS[tile]), arch, **gpu)
+        compiled = _compile(lambda: weight_grad_kept(dy, x, idx, 2, 4, config=KEPT_GRAD_TILES[tile]), arch, **gpu)
         if arch == 90 and dtype != torch.float32:
             ptx = compiled.asm["ptx"]
             assert "wgmma.mma_async" in ptx, tile
             # TMA tiles copy whole tiles with the tensor memory accelerator (the interpreter's launch, captured
             # here, took them: the tensors allow it)
-            assert ("cp.async.bulk.tensor" in ptx) == bool(KEPT_GRAD_CONFIGS[tile].get("TMA")), tile
-            assert " 0 bytes spill stores" in _ptxas_report(ptx, arch), KEPT_GRAD_CONFIGS[tile]
+            assert ("cp.async.bulk.tensor" in ptx) == bool(KEPT_GRAD_TILES[tile].get("TMA")), tile
+            assert " 0 bytes spill stores" in _ptxas_report(ptx, arch), tile
 
 
 def _ptxas_report(ptx: str, arch: int) -> str:

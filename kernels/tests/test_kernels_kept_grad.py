@@ -3,7 +3,7 @@ import torch
 
 from dsparse import nm
 from kernels import gather_kept, weight_grad_kept, weight_grad_kept_reference
-from kernels.kept_grad import CONFIGS, kept_grad_applies, tma_reads
+from kernels.kept_grad import TILES, kept_grad_applies, tma_reads
 
 SMALL = {"BLOCK_R": 32, "BLOCK_C": 64, "BLOCK_T": 16, "GROUP_R": 2}  # several tiles on test-sized shapes
 
@@ -56,7 +56,7 @@ def test_every_shipped_tile_computes_the_same(device):
     """The tiles plans choose among (several programs on the GPU; one or two through the interpreter)."""
     dy, x, idx = _operands(128, 256, 256, torch.bfloat16, device)
     want = weight_grad_kept_reference(dy, x, idx, 2, 4)
-    for config in CONFIGS:
+    for config in TILES.values():
         assert kept_grad_applies(2, 4, config)
         assert _close(weight_grad_kept(dy, x, idx, 2, 4, config=config), want, 128), config
 

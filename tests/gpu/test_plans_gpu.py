@@ -105,15 +105,14 @@ def test_inference_without_training_state_runs_dense_plans_sparse():
 
 
 def test_weight_gradient_tuning_times_the_fused_tiles_against_cublas_and_gather():
-    from kernels.kept_grad import CONFIGS
+    from kernels.kept_grad import TILES
 
     plan, table = tune_weight_grad(2048, 2048, 4096, torch.bfloat16)
-    assert [(r["fused"], r["tile"]) for r in table] == [(False, 0)] + [(True, i) for i in range(len(CONFIGS))]
+    assert [r["dw_tile"] for r in table] == ["", *TILES]
     assert "ms" in table[0]  # the unfused way is always a finalist
-    fused = [r for r in table if r["fused"]]
+    fused = table[1:]
     assert any("screen_ms" in r for r in fused), [r.get("error") for r in fused]  # some tile built and was right
-    best = min((r for r in table if "ms" in r), key=lambda r: r["ms"])
-    assert (plan.fused, plan.tile) == (best["fused"], best["tile"])
+    assert plan.dw_tile == min((r for r in table if "ms" in r), key=lambda r: r["ms"])["dw_tile"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -125,10 +124,10 @@ def test_a_fused_weight_gradient_plan_gives_the_unfused_gradient(dtype, monkeypa
     x = torch.randn(tokens, inp, device="cuda", dtype=dtype)
     dy = torch.randn(tokens, out, device="cuda", dtype=dtype)
     grads = []
-    from kernels.kept_grad import CONFIGS
+    from kernels.kept_grad import TILES
 
-    tma = next(i for i, c in enumerate(CONFIGS) if c.get("TMA"))
-    for plan in (Plan(), Plan(fused=True, tile=0), Plan(fused=True, tile=4), Plan(fused=True, tile=tma)):
+    tma = next(name for name, c in TILES.items() if c.get("TMA"))
+    for plan in (Plan(), Plan(dw_tile="128x256x64_w8_s3"), Plan(dw_tile="128x64x64_w4_s4"), Plan(dw_tile=tma)):
         plans.set_plan("dw", tokens, out, inp, dtype, plan)
         layer(x).backward(dy)
         grads.append(layer.values.grad)
