@@ -24,6 +24,7 @@ from .gather import gather_kept_reference, kept_output
 
 __all__ = ["DEFAULT_TILE", "TILES", "kept_grad_applies", "tma_reads", "weight_grad_kept", "weight_grad_kept_reference"]
 
+
 def _tile_name(cfg: dict[str, int | bool]) -> str:
     tma = "_tma" if cfg.get("TMA") else ""
     return f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}x{cfg['BLOCK_T']}_w{cfg['num_warps']}_s{cfg['num_stages']}{tma}"
