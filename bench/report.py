@@ -214,8 +214,32 @@ def fp8_table() -> list[str]:
     return lines
 
 
+def weight_grad_table() -> list[str]:
+    """The exact weight gradient's tuning (``bench.tune --roles dw``): cuBLAS + gather against the fused tiles."""
+    lines = []
+    for name, data in _load("bench/results/tune_*.json"):
+        rows = [r for r in data.get("products", []) if r["role"] == "dw"]
+        if not rows:
+            continue
+        lines += [f"**Exact weight gradient at the kept entries** (`{name}`; {_env(data['environment'])}): "
+                  "cuBLAS's dense dYᵀX then the gather of the kept half, against `kernels.weight_grad_kept` "
+                  "(one Triton GEMM, the kept entries picked in its epilogue) on its fastest tile; the plan takes "
+                  "the faster", "",
+                  "| in x out | tokens | dtype | cuBLAS + gather | fused, best tile | speedup | tile |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            fused = [t for t in r["timings"] if t.get("dw_tile") and "ms" in t]
+            best = min(fused, key=lambda t: t["ms"]) if fused else None
+            cells = (f"{best['ms']:.3f} ms | {r['default_ms'] / best['ms']:.2f}x | {best['dw_tile']}" if best
+                     else "- | - | none ran")
+            lines.append(f"| {r['n']}x{r['k']} | {r['tokens']} | {r['dtype']} | {r['default_ms']:.3f} ms | {cells} |")
+        lines.append("")
+    return lines
+
+
 def render() -> str:
-    body = engine_table() + profile_table() + infer_table() + convergence_table() + layer_table() + kernel_table() + fp8_table()
+    body = (engine_table() + profile_table() + infer_table() + convergence_table() + layer_table() +
+            weight_grad_table() + kernel_table() + fp8_table())
     return "\n".join(body or ["No GPU results yet: run the benchmarks in bench/ on a GPU."])
 
 

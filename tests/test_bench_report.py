@@ -92,3 +92,16 @@ def test_layer_table_marks_fused_weight_gradients_and_shows_graphed_steps(monkey
     assert any("| 4096 | bf16 |" in line and "1.00x (fused) | 1.00x | 1.25x | 1.00x" in line for line in lines)
     assert any("| 8192 | bf16 |" in line and "| 1.00x | 1.00x | - | 1.00x" in line for line in lines)
     assert any("kernels.weight_grad_kept" in line for line in lines)
+
+
+def test_weight_gradient_table_compares_the_fused_tiles_with_cublas_and_gather(monkeypatch):
+    timings = [{"dw_tile": "", "ms": 0.25}, {"dw_tile": "128x256x64_w8_s3", "ms": 0.22},
+               {"dw_tile": "128x256x64_w8_s3_tma", "ms": 0.20}, {"dw_tile": "64x128x64_w4_s4", "error": "x"}]
+    rows = [{"role": "dw", "tokens": 4096, "k": 4096, "n": 11008, "dtype": "bf16", "default_ms": 0.25,
+             "timings": timings},
+            {"role": "fwd", "tokens": 4096, "k": 4096, "n": 11008, "dtype": "bf16", "default_ms": 0.1, "timings": []}]
+    data = {"environment": {"gpu": "test"}, "products": rows}
+    monkeypatch.setattr(report, "_load", lambda pattern: [("tune_test_dw.json", data)] if "tune_" in pattern else [])
+    lines = report.weight_grad_table()
+    assert "| 11008x4096 | 4096 | bf16 | 0.250 ms | 0.200 ms | 1.25x | 128x256x64_w8_s3_tma |" in lines
+    assert sum(line.startswith("| 11008x4096") for line in lines) == 1  # the forward's row is not this table's
