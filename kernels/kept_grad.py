@@ -15,6 +15,8 @@ others with pointer loads. Which way runs is a per-shape plan (role ``"dw"``,
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -128,7 +130,13 @@ def tma_reads(dy: torch.Tensor, x: torch.Tensor, interpreted: bool = False) -> b
     aligned, on a GPU with the tensor memory accelerator (Hopper and newer) or through the interpreter."""
     aligned = all(t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
                   for t in (dy, x))
-    return aligned and (interpreted or torch.cuda.get_device_capability(dy.device)[0] >= 9)
+    return aligned and (interpreted or _has_tma(dy.device.index if dy.device.index is not None
+                                                 else torch.cuda.current_device()))
+
+
+@functools.cache
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def weight_grad_kept(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, n: int, m: int, *,
