@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> None:
 
     import dsparse
     from bench.common import environment, host_profile
+    from dsparse.backends import plans
     from dsparse.models import build_model
 
     deepspeed.init_distributed()
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> None:
               "memory_report": dsparse.memory_report(engine), "allocator_events": allocator,
               "host_issue_ms": host_ms, "host_issue_by_step": host_steps,
               "operand_refresh_replays": engine.sparsity.refresh_operands.replays,
+              "plans": plans.chosen(),  # how each sparse product ran (cuSPARSELt algorithm, fused dW tile, ...)
               "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     if profile is not None:
         result["gpu_profile"] = profile

@@ -74,6 +74,15 @@ def test_plan_files_from_before_the_dense_and_skinny_flags_still_load(tmp_path):
                                                                             split_k=1, split_k_mode=0, dw_tile="")
 
 
+def test_chosen_lists_every_product_looked_up_with_its_plan():
+    plans.set_plan("dw", 8192, 2048, 5632, torch.bfloat16, Plan(dw_tile=next(iter(TILES))))
+    plans.plan_for("dw", 8192, 2048, 5632, torch.bfloat16)
+    plans.plan_for("fwd", 8192, 2048, 5632, torch.bfloat16)  # untuned here (no GPU): the default plan
+    rows = {row["role"]: row for row in plans.chosen()}
+    assert rows["dw"]["dw_tile"] == next(iter(TILES)) and rows["dw"]["dtype"] == "bfloat16"
+    assert Plan.from_row(rows["fwd"]) == DEFAULT_PLAN and (rows["fwd"]["tokens"], rows["fwd"]["k"]) == (8192, 2048)
+
+
 def test_a_weight_gradient_plan_on_a_tile_this_version_lacks_is_left_out(tmp_path, caplog):
     path = tmp_path / "other_version.json"
     rows = [{"role": "dw", "tokens": 8192, "k": 2048, "n": 2048, "dtype": "bfloat16", "dw_tile": name}

@@ -77,6 +77,14 @@ def plan_for(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan
     return plan
 
 
+def chosen() -> list[dict]:
+    """Every product this process has looked a plan up for, with the plan it ran: rows of role, tokens,
+    k, n, dtype and the plan's fields (the provenance a benchmark records)."""
+    with _LOCK:
+        return [{"role": role, "tokens": tokens, "k": k, "n": n, "dtype": str(dtype).removeprefix("torch."),
+                 **asdict(plan)} for (role, tokens, k, n, dtype), plan in _CHOSEN.items()]
+
+
 def _choose(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
     if not _loaded:
         load_default_plans()
