@@ -32,6 +32,7 @@ import torch
 
 from bench.common import gpu_tag, host_profile, kernel_breakdown, time_ms, write_result
 from dsparse import fuse_model, fuse_projections, fused_counts, sparse_modules, sparsify
+from dsparse.backends import plans
 from dsparse.decode import GraphDecoder
 from dsparse.export import export_model, load_for_inference
 from dsparse.models import build_model
@@ -118,7 +119,8 @@ def _write(results: dict, args: argparse.Namespace) -> None:
               for name, r in results.items() if name != "dense"}
     print(ratios, flush=True)
     write_result(args.out or f"bench/results/infer_{gpu_tag()}.json",
-                 {"args": vars(args), "results": results, "vs_dense": ratios})
+                 {"args": vars(args), "results": results, "vs_dense": ratios,
+                  "plans": plans.chosen()})  # how each sparse product ran (cuSPARSELt algorithm, skinny kernel, ...)
 
 
 def main() -> None:

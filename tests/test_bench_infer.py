@@ -25,6 +25,7 @@ def test_infer_dry_run_writes_every_variants_ratios(tmp_path, monkeypatch):
     for ratios in data["vs_dense"].values():
         assert set(ratios) == keys and all(math.isfinite(v) for v in ratios.values())
     assert data["vs_dense"]["sparse_r0.0156"]["weight_memory_ratio"] > data["vs_dense"]["sparse_r0"]["weight_memory_ratio"]
+    assert data["plans"] == []  # the CPU's reference products look no plan up
 
 
 def test_infer_needs_two_new_tokens_for_a_steps_time(monkeypatch):
