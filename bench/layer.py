@@ -3,9 +3,9 @@ whole step, memory.
 
 Every ratio is dense time / sparse time from the same run on the same GPU. Times are
 eager (what a training step pays, launch overhead included); the ``*_graph`` columns
-replay CUDA graphs and so show the kernels alone (``step_graph``: the whole step captured, forward and
-backward, so eager ``step`` minus it is what the host and any synchronization cost). The whole step's backward runs on the
-calling thread, as dsparse's engine runs it (``"autograd": {"multithreading": false}``), for
+replay CUDA graphs and so show the kernels alone (``step_graph``: the whole step captured, forward
+and backward, so eager ``step`` minus it is what the host and any synchronization cost). The whole
+step's backward runs on the calling thread, as dsparse's engine runs it (``"autograd": {"multithreading": false}``), for
 dense and sparse alike; ``--autograd_threads`` hands it to torch's autograd thread (how runs
 before session 17 measured it). Sparse rows come twice: with
 cuSPARSELt's default plan (the exact dW unfused: cuBLAS, then a gather of the kept entries) and with

@@ -107,7 +107,8 @@ class DualKernel:
 def _launch_key(index: int, args: tuple, kwargs: dict[str, Any]) -> tuple:
     """What Triton compiles a launch for, with the device: each tensor's dtype and 16-byte alignment,
     each integer's width class and whether it is 1 or a multiple of 16, a float's type, a tensor
-    descriptor's element type and block shape, and the constexprs. One loop, not a call per argument: a training step launches hundreds of kernels."""
+    descriptor's element type and block shape, and the constexprs. One loop, not a call per argument:
+    a training step launches hundreds of kernels."""
     key: list = [index]
     for arg in args:
         if isinstance(arg, torch.Tensor):
