@@ -24,7 +24,8 @@ import torch
 
 from bench.common import gpu_tag, write_result
 from dsparse.backends import plans
-from dsparse.backends.tuning import plan_of, tune_mvue_dw, tune_product, tune_weight_grad
+from dsparse.backends.plans import Plan
+from dsparse.backends.tuning import tune_mvue_dw, tune_product, tune_weight_grad
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,7 +59,7 @@ def tune(shapes: list[tuple[int, int]], tokens_list: list[int], dtypes: list[str
                                      else tune_product(rows, k, tokens, dtype, graph=graph))
                     plans.set_plan(role, tokens, k, rows, dtype, plan)
                     plans.save_plans(path)
-                    default = next(t.get("ms", float("nan")) for t in timings if plan_of(t) == plans.DEFAULT_PLAN)
+                    default = next(t.get("ms", float("nan")) for t in timings if Plan.from_row(t) == plans.DEFAULT_PLAN)
                     dense, skinny, mma = (next((t["ms"] for t in timings if picked(t) and "ms" in t), float("nan"))
                                           for picked in (lambda t: t["dense"], lambda t: t["skinny"] and not t["mma"],
                                                          lambda t: t["mma"]))

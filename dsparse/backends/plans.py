@@ -81,8 +81,12 @@ def chosen() -> list[dict]:
     """Every product this process has looked a plan up for, with the plan it ran: rows of role, tokens,
     k, n, dtype and the plan's fields (the provenance a benchmark records)."""
     with _LOCK:
-        return [{"role": role, "tokens": tokens, "k": k, "n": n, "dtype": str(dtype).removeprefix("torch."),
-                 **asdict(plan)} for (role, tokens, k, n, dtype), plan in _CHOSEN.items()]
+        return [_row(_shape_key(role, k, n, dtype), tokens, plan) for (role, tokens, k, n, dtype), plan in _CHOSEN.items()]
+
+
+def _row(key: tuple[str, int, int, str], tokens: int, plan: Plan) -> dict:
+    """A plan as a JSON row: its product's role, tokens, k, n and dtype, then its fields."""
+    return {"role": key[0], "tokens": tokens, "k": key[1], "n": key[2], "dtype": key[3], **asdict(plan)}
 
 
 def _choose(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
@@ -170,8 +174,7 @@ def default_cache_path() -> str:
 
 def save_plans(path: str | os.PathLike) -> None:
     """Write the installed plans as JSON (atomically)."""
-    rows = [{"role": key[0], "tokens": tokens, "k": key[1], "n": key[2], "dtype": key[3], **asdict(plan)}
-            for key, by_tokens in _PLANS.items() for tokens, plan in by_tokens.items()]
+    rows = [_row(key, tokens, plan) for key, by_tokens in _PLANS.items() for tokens, plan in by_tokens.items()]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # ranks sharing a file system each write their own, then replace
     with open(tmp, "w") as f:

@@ -18,8 +18,8 @@ chosen; times are eager (launch overhead included), which is what a training ste
 
 The MVUE weight gradient (``S(dYᵀ) X``, :func:`tune_mvue_dw`) is tuned the same way over
 cuSPARSELt's algorithms, and the exact one (:func:`tune_weight_grad`) between cuBLAS's dense
-``dYᵀX`` with a gather of the kept entries and the fused Triton GEMM's tiles. Used on first sight of an untuned shape by :func:`dsparse.backends.plans.plan_for`, and
-by ``python -m bench.tune`` (with CUDA-graph timing of the finalists) to ship plans.
+``dYᵀX`` with a gather of the kept entries and the fused Triton GEMM's tiles. Used on first sight
+of an untuned shape by :func:`dsparse.backends.plans.plan_for`, and by ``python -m bench.tune`` (with CUDA-graph timing of the finalists) to ship plans.
 """
 from __future__ import annotations
 
@@ -157,8 +157,8 @@ def tune_weight_grad(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, g
         return reduce_to_kept(dy.t().mm(x), idx, 2, 4)
 
     candidates = [DEFAULT_PLAN] + [Plan(dw_tile=name) for name, c in TILES.items() if kept_grad_applies(2, 4, c)]
-    table = _time(candidates, run, run(DEFAULT_PLAN).float(), graph, keep=lambda r: plan_of(r) == DEFAULT_PLAN)
-    return plan_of(min((r for r in table if "ms" in r), key=lambda r: r["ms"])), table
+    table = _time(candidates, run, run(DEFAULT_PLAN).float(), graph, keep=lambda r: Plan.from_row(r) == DEFAULT_PLAN)
+    return Plan.from_row(min((r for r in table if "ms" in r), key=lambda r: r["ms"])), table
 
 
 def _time(candidates: list[Plan], run, want: torch.Tensor, graph: bool, keep) -> list[dict]:
@@ -182,7 +182,7 @@ def _time(candidates: list[Plan], run, want: torch.Tensor, graph: bool, keep) ->
     finalists = [r for r in screened[:FINALISTS] if r["screen_ms"] <= NEAR * screened[0]["screen_ms"]]
     finalists += [r for r in table if "screen_ms" in r and r not in finalists and keep(r)]
     for r in finalists:
-        r["ms"] = time_ms(lambda: run(plan_of(r)), **FINAL, graph=graph)
+        r["ms"] = time_ms(lambda: run(Plan.from_row(r)), **FINAL, graph=graph)
     return table
 
 
@@ -191,14 +191,9 @@ def _pick(candidates: list[Plan], run, want: torch.Tensor, graph: bool) -> tuple
     the finalists, to compare) and return the best: ``dense`` if it beats every sparse way, ``skinny``
     if that kernel beats cuSPARSELt, and cuSPARSELt's best algorithm either way (what runs where the
     others cannot)."""
-    table = _time(candidates, run, want, graph, keep=lambda r: r["dense"] or r["skinny"] or plan_of(r) == DEFAULT_PLAN)
+    table = _time(candidates, run, want, graph, keep=lambda r: r["dense"] or r["skinny"] or Plan.from_row(r) == DEFAULT_PLAN)
     finalists = [r for r in table if "ms" in r]
     best_cslt = min((r for r in finalists if not (r["dense"] or r["skinny"])), key=lambda r: r["ms"])
     best_sparse = min((r for r in finalists if not r["dense"]), key=lambda r: r["ms"])
     best = min(finalists, key=lambda r: r["ms"])
-    return replace(plan_of(best_cslt), dense=best["dense"], skinny=best_sparse["skinny"], mma=best_sparse["mma"]), table
-
-
-def plan_of(row: dict) -> Plan:
-    """The plan a row of a tuning table timed."""
-    return Plan.from_row(row)
+    return replace(Plan.from_row(best_cslt), dense=best["dense"], skinny=best_sparse["skinny"], mma=best_sparse["mma"]), table
