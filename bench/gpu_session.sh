@@ -3,10 +3,11 @@
 # they fit):   bash bench/gpu_session.sh PART [PART ...]
 #   tests        pytest -m gpu over tests/ and kernels/
 #   tests-unrun  the GPU tests of code written while no GPU was lent (sessions 17-18: the mma.sp probe and kernel,
-#                cuSPARSELt's split-k plans, fused CUDA-graph decoding steps, the fused weight gradient)
+#                cuSPARSELt's split-k plans, fused CUDA-graph decoding steps, the fused weight gradient); first run in
+#                session 19 on an H200: all passed but split-k's, which cuSPARSELt refuses from Hopper on
 #   tune         tune the plans of the benchmarked shapes (shipped in dsparse/backends/tuned)
-#   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt, with and without its
-#                split-k, vs the few-token kernels vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
+#   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt, with its split-k
+#                before Hopper, vs the few-token kernels vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
 #                'infer' (which would tune them on first use)
 #   tune-dw      tune the exact weight gradient of the benchmarked shapes and of llama-1b's step (8 x 2048 tokens):
 #                cuBLAS + gather vs the fused Triton GEMM's tiles (tune_<gpu>_dw*.json; plans shipped as 'tune''s),
@@ -91,7 +92,7 @@ for part in "$@"; do
                     --out bench/results/tune_${gpu}_dw.json
                   timeout 150 python3 -m bench.tune --roles dw --shapes 2048x2560,2048x2048,2048x11264,5632x2048 \
                     --tokens 16384 --dtypes bf16 --out bench/results/tune_${gpu}_dw_llama1b.json ;;
-    layer)        timeout 200 python3 -m bench.layer ;;
+    layer)        timeout 300 python3 -m bench.layer ;;  # 24 rows took ~250 s on an H200
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;
     skinny)       timeout 150 python3 -m bench.kernels --sections skinny --out bench/results/kernels_${gpu}_skinny.json ;;
     skinny-mma)   timeout 300 python3 -m pytest -q -m gpu kernels/tests/test_kernels_skinny_mma.py

@@ -105,3 +105,9 @@ def test_weight_gradient_table_compares_the_fused_tiles_with_cublas_and_gather(m
     lines = report.weight_grad_table()
     assert "| 11008x4096 | 4096 | bf16 | 0.250 ms | 0.200 ms | 1.25x | 128x256x64_w8_s3_tma |" in lines
     assert sum(line.startswith("| 11008x4096") for line in lines) == 1  # the forward's row is not this table's
+    # no tile reached the finals: the screens compare; only errors: none ran
+    rows[0]["timings"] = [{"dw_tile": "", "screen_ms": 0.3, "ms": 0.25}, {"dw_tile": "128x256x64_w8_s3", "screen_ms": 0.4},
+                          {"dw_tile": "64x128x64_w4_s4", "error": "x"}]
+    assert "| 0.400 ms (screen) | 0.75x (screen) | 128x256x64_w8_s3 |" in report.weight_grad_table()[4]
+    rows[0]["timings"] = [{"dw_tile": "", "ms": 0.25}, {"dw_tile": "64x128x64_w4_s4", "error": "x"}]
+    assert report.weight_grad_table()[4].endswith("| - | - | none ran |")

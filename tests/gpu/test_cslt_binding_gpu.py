@@ -8,6 +8,7 @@ import torch
 from dsparse.backends import cslt_binding
 from dsparse.backends.cusparselt import _sparse_mm
 from dsparse.backends.plans import Plan
+from dsparse.backends.tuning import SPLIT_K_BEFORE
 
 pytestmark = pytest.mark.gpu
 
@@ -76,15 +77,22 @@ def test_matches_torch(dtype, rows, k, tokens, transpose, with_bias):
 def test_split_k_plans_compute_algorithm_0s_product(dtype, rows, k, tokens):
     """cuSPARSELt's split-k (the reduction split in the product's kernel, mode 1, or in a second kernel,
     mode 2) gives algorithm 0's result up to the order of its sums; with a bias, and in place of a plan
-    without split-k for the same algorithm (separate cached plans)."""
+    without split-k for the same algorithm (separate cached plans). From Hopper on cuSPARSELt refuses
+    the factors, and the binding says so (tuning then offers none: ``tuning.SPLIT_K_BEFORE``)."""
     packed = _compressed(rows, k, dtype)
     x = torch.randn(tokens, k, device="cuda", dtype=dtype)
     bias = torch.randn(rows, device="cuda", dtype=dtype)
+    refused = torch.cuda.get_device_capability()[0] >= SPLIT_K_BEFORE
     for b in (None, bias):
         want = _torch_mm(packed, x, b, Plan(0, True))
         for split in (2, 4, 8):
             for mode in (1, 2):
-                _assert_same(_sparse_mm(packed, x, b, Plan(0, True, split_k=split, split_k_mode=mode)), want)
+                plan = Plan(0, True, split_k=split, split_k_mode=mode)
+                if refused:
+                    with pytest.raises(RuntimeError, match="cusparseLtMatmulAlgSetAttribute"):
+                        _sparse_mm(packed, x, b, plan)
+                else:
+                    _assert_same(_sparse_mm(packed, x, b, plan), want)
         _assert_same(_sparse_mm(packed, x, b, Plan(0, True)), want)
 
 
