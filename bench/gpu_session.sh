@@ -6,7 +6,7 @@
 #                cuSPARSELt's split-k plans, fused CUDA-graph decoding steps, the fused weight gradient); first run in
 #                session 19 on an H200: all passed but split-k's, which cuSPARSELt refuses from Hopper on
 #   tune         tune the plans of the benchmarked shapes (shipped in dsparse/backends/tuned)
-#   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens (cuSPARSELt, with its split-k
+#   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens, and at 8 with folded adapters (cuSPARSELt, with its split-k
 #                before Hopper, vs the few-token kernels vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
 #                'infer' (which would tune them on first use)
 #   tune-dw      tune the exact weight gradient of the benchmarked shapes and of llama-1b's step (8 x 2048 tokens):
@@ -87,7 +87,10 @@ for part in "$@"; do
                     tests/gpu/test_decode_gpu.py tests/test_fused.py ;;
     tune)         timeout 240 python3 -m bench.tune --tokens 8192,16384 ;;
     tune-decode)  timeout 200 python3 -m bench.tune --shapes 2048x2560,2048x2048,2048x11264,5632x2048 --tokens 8,16 \
-                    --dtypes bf16 --roles fwd --timing graph --out bench/results/tune_${gpu}_decode.json ;;
+                    --dtypes bf16 --roles fwd --timing graph --out bench/results/tune_${gpu}_decode.json
+                  # the same products widened by folded adapters (r = 1.56% / 6.25%: k + 64 / k + 256)
+                  timeout 150 python3 -m bench.tune --shapes 2112x2560,2112x2048,2112x11264,5696x2048,2304x2560,2304x2048,2304x11264,5888x2048 \
+                    --tokens 8 --dtypes bf16 --roles fwd --timing graph --out bench/results/tune_${gpu}_decode_folded.json ;;
     tune-dw)      timeout 300 python3 -m bench.tune --roles dw --tokens 4096,8192,16384 \
                     --out bench/results/tune_${gpu}_dw.json
                   timeout 150 python3 -m bench.tune --roles dw --shapes 2048x2560,2048x2048,2048x11264,5632x2048 \
