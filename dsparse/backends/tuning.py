@@ -38,7 +38,7 @@ MAX_ERROR = 1e-2  # relative to algorithm 0's result
 SPLIT_K_TOKENS = 64  # up to this many tokens cuSPARSELt's split-k is a candidate
 SPLIT_K = (2, 4, 8, 16)  # its factors tried with algorithm 0
 SPLIT_K_MODES = (1, 2)  # cusparseLtSplitKMode_t: the reduction in the product's kernel, or in a second one
-SPLIT_K_BEFORE = 9  # compute capability from which cuSPARSELt refuses every factor in [2, K] (see split_k_candidates)
+SPLIT_K_BEFORE = 9  # compute capability from which cuSPARSELt refuses every factor in [2, K] (see split_k_factors_taken)
 
 
 def alg_count(packed: torch.Tensor, x: torch.Tensor) -> int:
@@ -87,20 +87,25 @@ def tune_product(rows: int, k: int, tokens: int, dtype: torch.dtype, *, graph: b
     return _pick(candidates + ([Plan(dense=True)] if dense else []), run, want, graph)
 
 
+def split_k_factors_taken(device: torch.device) -> bool:
+    """Whether cuSPARSELt takes split-k factors in [2, K] on ``device``. From Hopper on it takes only 1 (none)
+    or -1 (its segment-K): on an H200 every factor 2-16 in either mode failed with "invalid value"
+    (bench/results/tune_h200_decode.json). Segment-K is left out until a GPU run shows its plans
+    initialize and compute algorithm 0's result."""
+    return torch.cuda.get_device_capability(device)[0] < SPLIT_K_BEFORE
+
+
 def split_k_candidates(packed: torch.Tensor, x: torch.Tensor) -> list[Plan]:
     """cuSPARSELt split-k plans for ``x @ Aᵀ`` (transposed result): algorithm 0 at each of :data:`SPLIT_K`
     in each of :data:`SPLIT_K_MODES`, and the algorithm and split cuSPARSELt's own search picks where
     it splits (only where cuSPARSELt offers both result layouts the same algorithm ids: the search
     would run the extra ids, which have crashed). Only the binding runs split-k: none without it, and
-    none on GPUs of compute capability :data:`SPLIT_K_BEFORE` and later, where cuSPARSELt refuses the factors."""
+    none where cuSPARSELt refuses the factors (:func:`split_k_factors_taken`)."""
     from . import cslt_binding
 
     if not cslt_binding.available(x.dtype, x.device):
         return []
-    if torch.cuda.get_device_capability(x.device)[0] >= SPLIT_K_BEFORE:
-        # From Hopper on, cuSPARSELt takes only 1 (none) or -1 (its segment-K) as the factor: on an H200
-        # every factor 2-16 in either mode failed with "invalid value" (bench/results/tune_h200_decode.json).
-        # Segment-K is left out until a GPU run shows its plans initialize and compute algorithm 0's result.
+    if not split_k_factors_taken(x.device):
         return []
     plans = [Plan(0, True, split_k=split, split_k_mode=mode) for split in SPLIT_K for mode in SPLIT_K_MODES]
     pad = (-x.shape[0]) % 8  # as _sparse_mm pads the tokens

@@ -8,7 +8,7 @@ import torch
 from dsparse.backends import cslt_binding
 from dsparse.backends.cusparselt import _sparse_mm
 from dsparse.backends.plans import Plan
-from dsparse.backends.tuning import SPLIT_K_BEFORE
+from dsparse.backends.tuning import split_k_factors_taken
 
 pytestmark = pytest.mark.gpu
 
@@ -78,11 +78,11 @@ def test_split_k_plans_compute_algorithm_0s_product(dtype, rows, k, tokens):
     """cuSPARSELt's split-k (the reduction split in the product's kernel, mode 1, or in a second kernel,
     mode 2) gives algorithm 0's result up to the order of its sums; with a bias, and in place of a plan
     without split-k for the same algorithm (separate cached plans). From Hopper on cuSPARSELt refuses
-    the factors, and the binding says so (tuning then offers none: ``tuning.SPLIT_K_BEFORE``)."""
+    the factors, and the binding says so (tuning then offers none: ``tuning.split_k_factors_taken``)."""
     packed = _compressed(rows, k, dtype)
     x = torch.randn(tokens, k, device="cuda", dtype=dtype)
     bias = torch.randn(rows, device="cuda", dtype=dtype)
-    refused = torch.cuda.get_device_capability()[0] >= SPLIT_K_BEFORE
+    refused = not split_k_factors_taken(x.device)
     for b in (None, bias):
         want = _torch_mm(packed, x, b, Plan(0, True))
         for split in (2, 4, 8):

@@ -6,7 +6,7 @@ from dsparse import SparseLinear
 from dsparse.backends import plans
 from dsparse.backends.cusparselt import skinny_applies
 from dsparse.backends.plans import Plan
-from dsparse.backends.tuning import SPLIT_K_BEFORE, tune_product, tune_weight_grad
+from dsparse.backends.tuning import split_k_factors_taken, tune_product, tune_weight_grad
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_plans")]
 
@@ -39,7 +39,7 @@ def test_few_tokens_time_the_skinny_kernel_and_keep_the_fastest_sparse_way(rows,
     assert [r["mma"] for r in skinny] == [False, True]
     assert all("error" not in r and "ms" in r for r in skinny)  # their results matched algorithm 0; finalists
     split = [r for r in table if r["split_k"] > 1]  # cuSPARSELt's split-k, checked against algorithm 0 too
-    if torch.cuda.get_device_capability()[0] >= SPLIT_K_BEFORE:
+    if not split_k_factors_taken(torch.device("cuda")):
         assert not split  # cuSPARSELt refuses the factors from Hopper on: none is offered
     else:
         assert len(split) >= 8 and any("screen_ms" in r for r in split)
