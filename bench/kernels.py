@@ -295,7 +295,8 @@ def bench_skinny(tokens: int, in_f: int, out_f: int, dtype, device, timer, sweep
 
 def _bench_skinny_mma(packed: torch.Tensor, x: torch.Tensor, moved: int, dense_ms: float, timer, sweep: bool) -> dict:
     """The same product on the sparse tensor cores (``kernels.skinny_mma``, where the device has them), checked
-    against the reference, over ``warps_k`` when sweeping; keys ``mma_*`` (none where it does not run)."""
+    against the reference, over its launch configurations when sweeping (``mma_*``: the one
+    :func:`kernels.skinny_mma.launch_config` picks; none where the kernel does not run)."""
     from kernels import skinny_sparse_mm_reference
     from kernels import skinny_mma as mma_mod
 
@@ -304,14 +305,16 @@ def _bench_skinny_mma(packed: torch.Tensor, x: torch.Tensor, moved: int, dense_m
     y = mma_mod.skinny_mma_sparse_mm(packed, x)
     err = ((y.float() - skinny_sparse_mm_reference(packed, x).float()).norm() / y.float().norm()).item()
     assert err < 1e-2, f"skinny_mma_sparse_mm differs from its reference: relative error {err:.3g}"
+    default = mma_mod.launch_config(packed.shape[0], x.device)
+    configs = [{"warps_k": w, "row_tiles": r, "batch": b} for w in (2, 4, 8) for r in (1, 2) for b in (1, 2)]
     timings = []
-    for warps_k in ((1, 2, 4, 8) if sweep else (mma_mod.WARPS_K,)):
-        ms = timer(lambda w=warps_k: mma_mod.skinny_mma_sparse_mm(packed, x, warps_k=w, validate=False))
-        timings.append({"warps_k": warps_k, "ms": ms, "gbps": _gbps(moved, ms)})
-    default = next(t for t in timings if t["warps_k"] == mma_mod.WARPS_K)
+    for cfg in (configs if sweep else [default]):
+        ms = timer(lambda c=cfg: mma_mod.skinny_mma_sparse_mm(packed, x, **c, validate=False))
+        timings.append({**cfg, "ms": ms, "gbps": _gbps(moved, ms)})
+    mine = next(t for t in timings if all(t[k] == v for k, v in default.items()))
     best = min(timings, key=lambda t: t["ms"])
-    return {"mma_ms": default["ms"], "mma_gbps": default["gbps"], "mma_speedup": dense_ms / default["ms"],
-            "mma_best_warps_k": best["warps_k"], "mma_best_ms": best["ms"], "mma_sweep": timings}
+    return {"mma_ms": mine["ms"], "mma_gbps": mine["gbps"], "mma_speedup": dense_ms / mine["ms"],
+            "mma_best_config": {k: best[k] for k in default}, "mma_best_ms": best["ms"], "mma_sweep": timings}
 
 
 def bench_swiglu_mvue(tokens: int, inter: int, dtype, device, timer, sweep: bool) -> dict:
@@ -482,7 +485,7 @@ def main() -> None:
                   f"{k['best_config']} {k['best_ms'] * 1e3:.1f} us = {k['best_speedup']:.2f}x", flush=True)
             if "mma_ms" in k:
                 print(f"skinny_mma_sparse_mm {shape} {args.dtype}: {k['mma_ms'] * 1e3:.1f} us ({k['mma_gbps']:.0f} GB/s) "
-                      f"= {k['mma_speedup']:.2f}x of dense; best warps_k {k['mma_best_warps_k']} "
+                      f"= {k['mma_speedup']:.2f}x of dense; best {k['mma_best_config']} "
                       f"{k['mma_best_ms'] * 1e3:.1f} us", flush=True)
         payload["skinny"] = skinny
     if "fused" in sections:

@@ -83,8 +83,9 @@ def kernel_table() -> list[str]:
                          f"graph replays) | {r['tokens']} tokens x {r['in']} -> {r['out']} {r['dtype']} | "
                          f"{r['kernel_ms'] * 1e3:.1f} µs | {r['dense_ms'] * 1e3:.1f} µs | {r['speedup']:.2f}x |")
             if "mma_ms" in r:
-                lines.append(f"| the same on the sparse tensor cores (kernels.skinny_mma, CUDA C++; warps_k "
-                             f"{r['mma_best_warps_k']} best) | {r['tokens']} tokens x {r['in']} -> {r['out']} "
+                best = ", ".join(f"{k} {v}" for k, v in r["mma_best_config"].items())
+                lines.append(f"| the same on the sparse tensor cores (kernels.skinny_mma, CUDA C++; {best} "
+                             f"best) | {r['tokens']} tokens x {r['in']} -> {r['out']} "
                              f"{r['dtype']} | {r['mma_ms'] * 1e3:.1f} µs | {r['dense_ms'] * 1e3:.1f} µs | "
                              f"{r['mma_speedup']:.2f}x |")
         fused = data.get("fused")

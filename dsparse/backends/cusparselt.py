@@ -299,8 +299,8 @@ def _sparse_mm(packed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | Non
         from kernels import skinny_mma, skinny_sparse_mm
 
         # shapes and dtypes hold: the backend made them (a plan tuned at T tokens serves up to 2T: the
-        # sparse tensor cores' kernel takes up to 16, from a 4-byte aligned x2d)
-        if plan.mma and x2d.shape[0] <= skinny_mma.MAX_TOKENS and x2d.data_ptr() % 4 == 0:
+        # sparse tensor cores' kernel takes up to 16, from a 16-byte aligned x2d)
+        if plan.mma and x2d.shape[0] <= skinny_mma.MAX_TOKENS and skinny_mma.aligned(packed, x2d):
             return skinny_mma.skinny_mma_sparse_mm(packed, x2d, bias, validate=False)
         return skinny_sparse_mm(packed, x2d, bias, validate=False)
     tokens = x2d.shape[0]

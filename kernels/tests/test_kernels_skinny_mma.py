@@ -111,10 +111,12 @@ def test_bad_operands_are_refused_with_the_fix():
     x = torch.randn(4, 128).bfloat16()
     with pytest.raises(ValueError, match=f"at most {MAX_TOKENS} tokens"):
         skinny_mma_sparse_mm(packed, torch.randn(MAX_TOKENS + 1, 128).bfloat16())
-    with pytest.raises(ValueError, match="row stride must be even"):
-        skinny_mma_sparse_mm(packed, torch.randn(4, 129).bfloat16()[:, :128])
+    with pytest.raises(ValueError, match="multiple of 8 elements"):
+        skinny_mma_sparse_mm(packed, torch.randn(4, 130).bfloat16()[:, :128])
     with pytest.raises(ValueError, match="warps_k must be in 1..8"):
         skinny_mma_sparse_mm(packed, x, warps_k=9)
+    with pytest.raises(ValueError, match="row_tiles and batch must be 1 or 2"):
+        skinny_mma_sparse_mm(packed, x, row_tiles=4)
     with pytest.raises(ValueError, match="use kernels.skinny_sparse_mm"):
         skinny_mma_sparse_mm(packed, x)  # a CPU tensor
     with pytest.raises(ValueError, match="contiguous compressed form"):  # the operand contract of kernels.skinny
@@ -124,15 +126,19 @@ def test_bad_operands_are_refused_with_the_fix():
 @pytest.mark.gpu
 @needs_sparse_cores
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("row_tiles, batch", [(1, 1), (1, 2), (2, 1), (2, 2)])
 @pytest.mark.parametrize("rows, cols, tokens, warps_k", [(64, 64, 1, 1), (128, 320, 8, 3), (192, 256, 16, 8),
-                                                          (64, 128, 9, 2), (2048, 5632, 8, 8), (640, 2048, 5, 8)])
-def test_matches_the_dense_product_in_fp32(rows, cols, tokens, warps_k, dtype):
+                                                          (64, 128, 9, 2), (2048, 5632, 8, 8), (640, 2048, 5, 8),
+                                                          (256, 2112, 16, 4), (128, 448, 3, 8)])
+def test_matches_the_dense_product_in_fp32(rows, cols, tokens, warps_k, row_tiles, batch, dtype):
+    """Spans of 128 columns, a last half span (cols % 128 = 64: 64, 320, 2112, 448), warps without a span
+    (448 over 8 warps), one or two token tiles, one or two row tiles per warp, one or two spans per load."""
     packed, dense = compressed_operand(rows, cols, dtype, "cuda", seed=rows + tokens)
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, cols, generator=gen).to(dtype).cuda()
     bias = torch.randn(rows, generator=gen).to(dtype).cuda()
     for b in (None, bias):
-        got = skinny_mma_sparse_mm(packed, x, b, warps_k=warps_k)
+        got = skinny_mma_sparse_mm(packed, x, b, warps_k=warps_k, row_tiles=row_tiles, batch=batch)
         want = x.float() @ dense.float().t() + (0 if b is None else b.float())
         assert got.shape == (tokens, rows) and got.dtype == dtype
         torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2e-2)  # one rounding of an fp32 sum
