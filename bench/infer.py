@@ -3,8 +3,10 @@
 Decoding is timed twice: through ``generate`` (eager steps: on a slow host, the host's time) and
 through :class:`dsparse.decode.GraphDecoder` (a static cache, each step a CUDA graph replay: the
 GPU's time, as serving stacks run it). The latter is also timed for its first token alone (the
-prompt's eager prefill), which gives a decoding step's own time: ``decode_graph_step_ms``, the
-time per output token that serving reports apart from the time to the first.
+prompt's eager prefill), and a step by itself: ``decode_graph_step_ms``, the median replay after a
+prefill between two CUDA events, the time per output token that serving reports apart from the time
+to the first. (Results before session 20 took it as the difference of the two totals over
+``new_tokens - 1`` steps, which carried the eager prefill's host noise into it.)
 
 Each sparse variant goes through :func:`dsparse.export.export_model` and
 :func:`dsparse.export.load_for_inference` (cuSPARSELt forward operand only, adapters folded
@@ -64,12 +66,15 @@ def measure(model, args, device) -> dict:
                                           do_sample=False, pad_token_id=0)
         decode = time_ms(generate, warmup=1, iters=max(3, args.iters // 3), inner=1)
         # the same greedy decoding on a static cache, each step a CUDA graph replay (as serving stacks run it);
-        # timed for the first token alone too (the prompt's eager prefill), so a step's time is the difference
+        # timed for the first token alone too (the prompt's eager prefill), and a step by itself: replays after
+        # a prefill, each between two CUDA events (the difference of the two medians above carried the eager
+        # prefill's host noise, milliseconds, into a step of about two)
         decoder = GraphDecoder(model, args.batch, args.decode_prompt + args.new_tokens,
                                fused_rows=1 if args.graph_fusion == "on" else None)
         decode_graph = time_ms(lambda: decoder(short, args.new_tokens), warmup=1, iters=args.iters, inner=1)
         first_token = time_ms(lambda: decoder(short, 1), warmup=1, iters=args.iters, inner=1)
-    step = (decode_graph - first_token) / (args.new_tokens - 1)
+        decoder.start(short)
+        step = time_ms(decoder.step, warmup=1, iters=args.new_tokens - 2, inner=1)  # the cache holds new_tokens
     result = {"prefill_ms": prefill, "prefill_tokens_per_s": args.batch * args.prompt / prefill * 1e3,
               "decode_ms": decode, "decode_tokens_per_s": args.batch * args.new_tokens / decode * 1e3,
               "decode_graph_ms": decode_graph,
@@ -150,9 +155,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also one prefill and a decoding step per model under torch.profiler, the step under cProfile")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.new_tokens < 2:
-        parser.error("--new_tokens must be at least 2: a decoding step's time is that of new_tokens tokens less "
-                     "that of the first")
+    if args.new_tokens < 3:
+        parser.error("--new_tokens must be at least 3: a decoding step is timed over the steps after the first "
+                     "(one warm-up, then the median of the rest)")
     if args.profile and not args.device.startswith("cuda"):
         parser.error("--profile profiles CUDA kernels: it needs --device cuda")
     fuse = fuse_model if args.fusion == "on" else (lambda model: None)

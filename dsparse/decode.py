@@ -80,22 +80,39 @@ class GraphDecoder:
         self._graph = graph
 
     @torch.no_grad()
+    def start(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Prefill ``(batch, prompt_len)`` prompts (capturing the step first, on first use): the first new token
+        of each sequence, ``(batch, 1)``; each :meth:`step` then gives the next. The returned tensor is the
+        decoder's own, overwritten by the next step."""
+        if prompt.shape[0] != self.batch or prompt.shape[1] >= self.max_len:
+            raise ValueError(f"GraphDecoder: built for {self.batch} sequences of up to {self.max_len} tokens, got "
+                             f"{prompt.shape[0]} prompts of {prompt.shape[1]} tokens (at least one new token must "
+                             "fit); build another decoder for other sizes")
+        with self._fusion:
+            if self.graphs and self._graph is None:
+                self._capture(prompt)
+            self._prefill(prompt)
+        return self.token
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """The next token of each sequence after :meth:`start` and the steps since, ``(batch, 1)`` (the decoder's
+        own tensor): one graph replay where captured. The caller keeps within ``max_len``."""
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            with self._fusion:
+                self._step()
+        return self.token
+
     def __call__(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """The ``(batch, new_tokens)`` greedy continuation of ``prompt``."""
         if prompt.shape[0] != self.batch or prompt.shape[1] + new_tokens > self.max_len or new_tokens < 1:
             raise ValueError(f"GraphDecoder: built for {self.batch} sequences of up to {self.max_len} tokens, got "
                              f"{prompt.shape[0]} prompts of {prompt.shape[1]} tokens and {new_tokens} new tokens "
                              "(new_tokens >= 1); build another decoder for other sizes")
-        with self._fusion:
-            if self.graphs and self._graph is None:
-                self._capture(prompt)
-            self._prefill(prompt)
-            out = torch.empty(self.batch, new_tokens, dtype=torch.long, device=self.token.device)
-            out[:, 0:1] = self.token
-            for i in range(1, new_tokens):
-                if self._graph is not None:
-                    self._graph.replay()
-                else:
-                    self._step()
-                out[:, i:i + 1] = self.token
+        out = torch.empty(self.batch, new_tokens, dtype=torch.long, device=self.token.device)
+        out[:, 0:1] = self.start(prompt)
+        for i in range(1, new_tokens):
+            out[:, i:i + 1] = self.step()
         return out

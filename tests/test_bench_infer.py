@@ -18,8 +18,8 @@ def test_infer_dry_run_writes_every_variants_ratios(tmp_path, monkeypatch):
     infer.main()
     data = json.loads(out.read_text())
     assert list(data["results"]) == ["dense", "sparse_r0", "sparse_r0.0156", "sparse_r0.0156_added"]
-    for r in data["results"].values():
-        assert r["decode_graph_step_ms"] == pytest.approx((r["decode_graph_ms"] - r["decode_graph_first_token_ms"]) / 2)
+    for r in data["results"].values():  # a step timed by itself (not the difference of the totals)
+        assert 0 < r["decode_graph_step_ms"] < r["decode_graph_ms"]
     keys = {"prefill_speedup", "decode_speedup", "decode_graph_speedup", "decode_graph_step_speedup",
             "weight_memory_ratio"}
     for ratios in data["vs_dense"].values():
@@ -28,7 +28,7 @@ def test_infer_dry_run_writes_every_variants_ratios(tmp_path, monkeypatch):
     assert data["plans"] == []  # the CPU's reference products look no plan up
 
 
-def test_infer_needs_two_new_tokens_for_a_steps_time(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["infer", "--device", "cpu", "--new_tokens", "1"])
+def test_infer_needs_three_new_tokens_for_a_steps_time(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["infer", "--device", "cpu", "--new_tokens", "2"])
     with pytest.raises(SystemExit):
         infer.main()

@@ -38,6 +38,9 @@ def test_static_cache_decoding_gives_generates_tokens(tmp_path, sparse):
     assert torch.equal(decoder(prompt, 9), want)  # the cache is reset between calls
     other = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(2))
     assert torch.equal(decoder(other, 9), _generate(model, other, 9))
+    # step by step (as bench.infer times a step): the same tokens
+    steps = [decoder.start(prompt).clone()] + [decoder.step().clone() for _ in range(8)]
+    assert torch.equal(torch.cat(steps, dim=1), want)
 
 
 @pytest.mark.parametrize("fused_rows", [1, None])
@@ -75,5 +78,7 @@ def test_sizes_the_decoder_was_not_built_for_are_refused_with_the_fix():
         decoder(torch.zeros(3, 4, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="up to 16 tokens"):
         decoder(torch.zeros(2, 10, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match="at least one new token must fit"):
+        decoder.start(torch.zeros(2, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="pass graphs=False"):
         GraphDecoder(model, batch=2, max_len=16, graphs=True)
