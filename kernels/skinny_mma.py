@@ -56,12 +56,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache  # looked up on every call (an eager decoding step's host time): once per shape
 def launch_config(rows: int, device: torch.device | str) -> dict[str, int]:
     """The kernel's ``warps_k``, ``row_tiles`` and ``batch`` for an operand of ``rows`` rows on ``device``: two
     16-row tiles per warp (one load of x serves both) and 4 warps per block where that still puts
     :data:`WARPS_PER_SM` warps on every SM, else one tile and 8 warps; one span in flight per warp. On an H100
     (30 llama-1b decode products at 1, 8 and 16 tokens, CUDA-graph timing) this came within 3% / 5% of the
-    best of the 12 configurations at 8 / 16 tokens (geometric mean; 8% / 15% at worst)."""
+    best of the 12 configurations at 8 / 16 tokens (geometric mean; 8% / 15% at worst). Shared: not to be
+    modified."""
     device = torch.device(device)
     if device.type == "cuda" and rows // 32 * 4 >= WARPS_PER_SM * _sm_count(device):
         return {"warps_k": 4, "row_tiles": 2, "batch": 1}
