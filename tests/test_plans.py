@@ -103,6 +103,31 @@ def test_the_shipped_h100_plans_parse():
         assert plans.load_plans(path) > 0
 
 
+def test_the_shipped_plans_hold_each_products_newest_tuning():
+    """What ``bench.tune`` picked (``bench/results/tune_<gpu>*.json``; files of earlier sessions end in
+    ``_s<session>``) is what the shipped plans run: a stale row once sent a decoding step's 5632 → 2048
+    product to cuSPARSELt's 37 µs kernel instead of the 14 µs one its tuning chose."""
+    import glob
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tunings = [f for f in glob.glob(os.path.join(root, "bench", "results", "tune_h*.json"))
+               if not re.search(r"_s\d+\.json$", f)]
+    assert tunings
+    dtypes = {"bf16": "bfloat16", "fp16": "float16"}
+    for path in tunings:
+        gpu = os.path.basename(path).split("_")[1].removesuffix(".json")
+        shipped = glob.glob(os.path.join(plans.TUNED_DIR, f"plans_NVIDIA_{gpu.upper()}*.json"))
+        assert len(shipped) == 1, (path, shipped)
+        with open(shipped[0]) as f:
+            rows = {(r["role"], r["tokens"], r["k"], r["n"], r["dtype"]): Plan.from_row(r) for r in json.load(f)}
+        with open(path) as f:
+            for p in json.load(f)["products"]:
+                key = (p["role"], p["tokens"], p["k"], p["n"], dtypes[p["dtype"]])
+                assert rows.get(key) == Plan.from_row(p["plan"]), (os.path.basename(path), key)
+
+
 @pytest.mark.parametrize("tokens, bucket", [(1, 8), (8, 8), (9, 16), (4096, 4096), (5000, 8192)])
 def test_new_plans_are_tuned_at_power_of_two_token_buckets(tokens, bucket):
     assert plans._bucket(tokens) == bucket
