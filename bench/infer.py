@@ -22,7 +22,8 @@ and gate/up as one product each unless ``--projections off`` (:func:`dsparse.fus
 
 ``--profile`` adds each model's prefill GPU time by kernel category (torch.profiler, after the
 timing): how much of a prefill the sparse GEMMs can shorten at all, and what adapters add; and a
-decoding step taken apart (:func:`profile_decode`: wall, GPU busy and idle time, host time by function).
+decoding step taken apart, eager (:func:`profile_decode`: wall, GPU busy and idle time, host time by
+function) and captured (:func:`profile_graph_step`: GPU time by kernel).
 """
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ def measure(model, args, device) -> dict:
             torch.cuda.synchronize()
         result["prefill_profile"] = kernel_breakdown(prof, 1)
         result["decode_profile"] = profile_decode(model, short)
+        result["decode_graph_profile"] = profile_graph_step(decoder, short, args.new_tokens - 2)
     return result
 
 
@@ -112,6 +114,20 @@ def profile_decode(model, prompt: torch.Tensor, steps: int = 8) -> dict:
             step()
         torch.cuda.synchronize()
     return {"step_ms": step_ms, **kernel_breakdown(prof, steps), "host": host_profile(step, steps, top=30)}
+
+
+@torch.no_grad()
+def profile_graph_step(decoder: GraphDecoder, prompt: torch.Tensor, steps: int) -> dict:
+    """The captured decoding step's GPU time by kernel (torch.profiler over ``steps`` replays after a
+    prefill): what the step ratio is made of, product by product."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.start(prompt)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step()
+        torch.cuda.synchronize()
+    return kernel_breakdown(prof, steps)
 
 
 def _write(results: dict, args: argparse.Namespace) -> None:
