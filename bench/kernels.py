@@ -15,9 +15,6 @@
   operand) vs the dense GEMM on the decompressed weight (cuBLAS), with a sweep of tile
   configs, at llama-1b's decode shapes (cuSPARSELt's algorithms at those token counts:
   ``bench.tune --tokens 8``);
-* ``lowrank_project`` (a folded adapter's ``U' = X A'ᵀ`` at a decoding step's few tokens, written
-  into the wide input with ``X`` copied beside it) vs ``torch.mm`` into the same slice (and the copy),
-  CUDA-graph timed, with a sweep of tile configs;
 * the fused RMSNorm and SwiGLU gate (:mod:`dsparse.nn.fused`) vs HF's ``LlamaRMSNorm`` and
   ``silu(g) * u``, forward + backward through autograd (eager, so autograd's host time counts
   too; the step profiles of ``bench.step --profile`` give the kernels' own GPU time), at
@@ -43,8 +40,6 @@ from dsparse import nm
 from dsparse.backends.cusparselt import _transpose_values, transpose_slots
 from kernels import bias_add, lowrank_addmm, transpose_keep_and_slots, transpose_values
 from kernels import lowrank as lowrank_mod
-from kernels import lowrank_project
-from kernels import project as project_mod
 from kernels import mvue as mvue_mod
 from kernels import masks as masks_mod
 from kernels import refresh as refresh_mod
@@ -81,14 +76,7 @@ MVUE_CONFIGS = [
     {"BLOCK_C": 64, "BLOCK_P": 16, "num_warps": 2},
     {"BLOCK_C": 64, "BLOCK_P": 64, "num_warps": 8},
 ]
-SECTIONS = ("refresh", "lowrank", "project", "mvue", "swiglu_mvue", "skinny", "fused")
-PROJECT_CONFIGS = [
-    project_mod.CONFIG,
-    {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_K": 512, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_T": 16, "BLOCK_R": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3},
-]
+SECTIONS = ("refresh", "lowrank", "mvue", "swiglu_mvue", "skinny", "fused")
 SKINNY_CONFIGS = [
     {"BLOCK_R": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "SPLIT_K": 0},  # kernels.skinny.CONFIG
     {"BLOCK_R": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1},  # session 14's: k not split
@@ -248,30 +236,6 @@ def bench_gather(in_f: int, out_f: int, dtype, device, timer) -> dict:
     row = {"gather_torch_ms": timer(lambda: nm.gather_kept(dense, idx, 4)),
            "gather_kernel_ms": timer(lambda: gather_kept(dense, idx, 2, 4))}
     row["gather_speedup"] = row["gather_torch_ms"] / row["gather_kernel_ms"]
-    return row
-
-
-def bench_project(tokens: int, in_f: int, rank: int, dtype: torch.dtype, device: str, timer, sweep: bool) -> dict:
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(tokens, in_f, generator=gen, device=device).to(dtype)
-    a = (torch.randn(rank, in_f, generator=gen, device=device) / in_f**0.5).to(dtype)
-    wide = torch.empty(tokens, in_f + rank, dtype=dtype, device=device)
-    x_slot, u = wide[:, :in_f], wide[:, in_f:]
-    lowrank_project(x, a, out=u, x_copy=x_slot)
-    want = x.double() @ a.double().t()
-    row = {"tokens": tokens, "in": in_f, "r": rank, "copy_exact": bool(torch.equal(x_slot, x)),
-           "kernel_max_abs_err": (u.double() - want).abs().max().item(),
-           "torch_max_abs_err": (torch.mm(x, a.t()).double() - want).abs().max().item()}
-    row["torch_ms"] = timer(lambda: torch.mm(x_slot, a.t(), out=u))
-    row["torch_copy_ms"] = timer(lambda: (x_slot.copy_(x), torch.mm(x_slot, a.t(), out=u)))
-    configs = PROJECT_CONFIGS if sweep else [project_mod.CONFIG]
-    row["configs"] = [{"config": cfg, "ms": timer(lambda: lowrank_project(x_slot, a, out=u, config=cfg))}
-                      for cfg in configs]
-    row["kernel_ms"] = row["configs"][0]["ms"]
-    row["kernel_copy_ms"] = timer(lambda: lowrank_project(x, a, out=u, x_copy=x_slot))
-    row["best_config"] = _best(row["configs"])["config"]
-    row["speedup"] = row["torch_ms"] / row["kernel_ms"]
-    row["copy_speedup"] = row["torch_copy_ms"] / row["kernel_copy_ms"]
     return row
 
 
@@ -442,8 +406,6 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x4096,4096x11008,8192x8192", help="in x out, comma-separated")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--lowrank", default="8192,4096,64", help="tokens,out,r")
-    parser.add_argument("--project", default="8x2048x64,8x5632x64,8x2048x256,8x5632x256,16x2048x64",
-                        help="tokens x in x r of lowrank_project (llama-1b's folded adapters at decoding), comma-separated")
     parser.add_argument("--fused", default="16384,2048,5632", help="tokens,hidden,intermediate of the fused blocks")
     parser.add_argument("--mvue", default="16384x5632,16384x2048", help="tokens x out of mvue_compress, comma-separated")
     parser.add_argument("--skinny", default="8x2048x2560,8x2048x2048,8x2048x11264,8x5632x2048,16x4096x4096",
@@ -462,7 +424,7 @@ def main() -> None:
     if args.dry_run:
         device, timer, sweep = "cpu", _wall_ms, not args.no_sweep
         shapes, (tokens, lr_out, rank), fused_shape = [(64, 48)], (32, 48, 8), (64, 64, 128)
-        args.mvue, args.skinny, args.project = "64x64", "5x128x64", "5x300x20"
+        args.mvue, args.skinny = "64x64", "5x128x64"
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench.kernels needs a CUDA GPU (or --dry-run to check the script on the CPU)")
@@ -496,17 +458,6 @@ def main() -> None:
               f"with bias {lr['kernel_bias_ms']:.3f} vs {lr['torch_addmm_bias_ms']:.3f} ms; best {lr['best_config']}; "
               f"max err kernel {lr['kernel_max_abs_err']:.3g} torch {lr['torch_max_abs_err']:.3g}", flush=True)
         payload["lowrank"] = lr
-    if "project" in sections:
-        project = []
-        kernel_timer = functools.partial(timer, graph=True)  # microseconds of GPU work: the kernels alone
-        for shape in args.project.split(","):
-            project.append({"dtype": args.dtype,
-                            **bench_project(*(int(v) for v in shape.split("x")), dtype, device, kernel_timer, sweep)})
-            p = project[-1]
-            print(f"lowrank_project {shape} {args.dtype}: {p['kernel_ms'] * 1e3:.1f} us vs torch.mm {p['torch_ms'] * 1e3:.1f} "
-                  f"us = {p['speedup']:.2f}x; with x's copy {p['kernel_copy_ms'] * 1e3:.1f} vs {p['torch_copy_ms'] * 1e3:.1f} "
-                  f"us = {p['copy_speedup']:.2f}x; best {p['best_config']}; copy exact {p['copy_exact']}", flush=True)
-        payload["project"] = project
     if "mvue" in sections:
         mvue = []
         for shape in args.mvue.split(","):
@@ -545,7 +496,6 @@ def main() -> None:
               f"{fused['rope_hf_ms']:.3f} ms = {fused['rope_speedup']:.1f}x", flush=True)
         payload["fused"] = fused
     payload["defaults"] = {"refresh": refresh_mod.CONFIG, "mask": masks_mod.CONFIG, "lowrank": lowrank_mod.CONFIG,
-                           "project": project_mod.CONFIG,
                            "mvue": mvue_mod.CONFIG, "skinny": skinny_mod.CONFIG}
     if args.dry_run:
         print("dry run: nothing written")

@@ -7,8 +7,6 @@
 * :func:`lowrank_addmm` — ``y + scale * (u @ bᵀ) (+ bias)`` fused, fp32 accumulation.
 * :func:`lowrank_silu_mul` — the same onto a fused gate/up output, SwiGLU's gate as its epilogue.
 * :func:`bias_add` — ``y + bias`` (the r = 0 path of :func:`lowrank_addmm`).
-* :func:`lowrank_project` — the adapter's first product ``x @ aᵀ`` for a few tokens, spread over the
-  r outputs (cuBLAS gives it one thread block), ``x`` optionally copied on in the same pass.
 * :func:`gather_kept` — a dense matrix's entries at N:M positions (the weight gradient's
   reduction to the kept entries); :func:`weight_grad_kept` — ``dYᵀ X`` with that reduction in
   the GEMM's epilogue (no dense temporary).
@@ -33,7 +31,6 @@ None of them builds an autograd graph.
 from .gather import gather_kept, gather_kept_reference
 from .kept_grad import weight_grad_kept, weight_grad_kept_reference
 from .lowrank import bias_add, bias_add_reference, lowrank_addmm, lowrank_addmm_reference, lowrank_silu_mul
-from .project import lowrank_project, lowrank_project_reference
 from .mvue import (mvue_compress, mvue_compress_reference, mvue_compress_swiglu, mvue_transpose,
                    mvue_transpose_reference)
 from .norm import rms_norm_backward, rms_norm_forward, rms_norm_reference
@@ -56,8 +53,6 @@ __all__ = [
     "lowrank_addmm",
     "lowrank_addmm_reference",
     "lowrank_silu_mul",
-    "lowrank_project",
-    "lowrank_project_reference",
     "bias_add",
     "bias_add_reference",
     "mvue_transpose",

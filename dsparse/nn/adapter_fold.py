@@ -53,21 +53,13 @@ class AdapterFold:
                 and x2d.shape == (buffer.shape[0], self.in_features) and x2d.stride() == (self.width, 1))
 
     def wide_input(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``[X | U']`` for ``x2d`` ``(tokens, in)``: around ``x2d`` where it is a slot, else a copy. On CUDA
-        with few tokens (decoding) :func:`kernels.lowrank_project` makes ``U'`` (and the copy) in one kernel,
-        spread over ``U'``'s columns; else torch.mm, where cuBLAS's tiling fills the GPU."""
-        from kernels import lowrank_project
-        from kernels.project import FLOAT_DTYPES, MAX_TOKENS
-
-        slot = self.holds(x2d)
-        wide = x2d._base if slot else self.input_buffer(x2d.shape[0], x2d.dtype, x2d.device)
-        x_slot, u = wide[:, : self.in_features], wide[:, self.in_features:]
-        if x2d.is_cuda and x2d.shape[0] <= MAX_TOKENS and x2d.dtype in FLOAT_DTYPES:
-            lowrank_project(x2d, self.a_wide, out=u, x_copy=None if slot else x_slot)
-            return wide
-        if not slot:
-            x_slot.copy_(x2d)
-        torch.mm(x_slot, self.a_wide.t(), out=u)
+        """``[X | U']`` for ``x2d`` ``(tokens, in)``: around ``x2d`` where it is a slot, else a copy."""
+        if self.holds(x2d):
+            wide = x2d._base
+        else:
+            wide = self.input_buffer(x2d.shape[0], x2d.dtype, x2d.device)
+            wide[:, : self.in_features].copy_(x2d)
+        torch.mm(wide[:, : self.in_features], self.a_wide.t(), out=wide[:, self.in_features:])
         return wide
 
 

@@ -7,7 +7,7 @@ are captured, not run, so the arguments are specialized exactly as on the GPU.
 import pytest
 import torch
 
-from kernels import (bias_add, gather_kept, lowrank_addmm, lowrank_project, lowrank_silu_mul, mvue_compress, mvue_compress_swiglu,
+from kernels import (bias_add, gather_kept, lowrank_addmm, lowrank_silu_mul, mvue_compress, mvue_compress_swiglu,
                      mvue_transpose, rms_norm_backward,
                      rms_norm_forward,
                      rope_backward, rope_forward, silu_mul_backward, silu_mul_forward, skinny_sparse_mm,
@@ -60,15 +60,6 @@ def test_lowrank_addmm_compiles(arch, dtype):
     override = {"IEEE": False} if dtype == torch.bfloat16 else {}
     _compile(lambda: lowrank_addmm(y, u, b, 0.5, bias), arch, **override)
     _compile(lambda: lowrank_silu_mul(y, u, b, 0.5), arch, **override)
-
-
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_lowrank_project_compiles(arch, dtype):
-    x, a = torch.zeros(8, 2048, dtype=dtype), torch.zeros(64, 2048, dtype=dtype)
-    wide = torch.zeros(8, 2048 + 64, dtype=dtype)
-    override = {"IEEE": False} if dtype == torch.bfloat16 else {}  # the GPU's bf16 product (see above)
-    _compile(lambda: lowrank_project(x, a, out=wide[:, 2048:], x_copy=wide[:, :2048]), arch, **override)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
