@@ -1,6 +1,6 @@
 """GraphDecoder on CUDA: the captured step replays what the eager step computes, dense and exported sparse
-(cuSPARSELt products and, where plans choose it, the split-k skinny kernel; with folded adapters too), with HF's modules and fused ones
-(whose kernels the decoder runs on its few-row steps, captured)."""
+(cuSPARSELt products and, where plans choose it, the few-token kernels; with and without folded adapters),
+with HF's modules and fused ones (whose kernels the decoder runs on its few-row steps, captured)."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
