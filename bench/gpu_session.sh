@@ -9,9 +9,9 @@
 #   tune-decode  tune llama-1b's forward products at decoding's 8 and 16 tokens, and at 8 with folded adapters (cuSPARSELt, with its split-k
 #                before Hopper, vs the few-token kernels vs dense), timed as CUDA graph replays (dsparse.decode.GraphDecoder runs the step so), before
 #                'infer' (which would tune them on first use)
-#   tune-dw      tune the exact weight gradient of the benchmarked shapes and of llama-1b's step (8 x 2048 tokens):
-#                cuBLAS + gather vs the fused Triton GEMM's tiles (tune_<gpu>_dw*.json; plans shipped as 'tune''s),
-#                before 'layer' and the step parts
+#   tune-dw      tune the weight gradients of the benchmarked shapes and of llama-1b's step (8 x 2048 tokens): the exact
+#                one (cuBLAS + gather vs the fused Triton GEMM's tiles), then the MVUE one (cuSPARSELt's algorithms, whole,
+#                vs that exact one), in $DTYPES (bf16 fp16) (tune_<gpu>_dw*.json; plans shipped as 'tune's), before 'layer' and the step parts
 #   layer        one layer dense vs sparse (MVUE dW included)
 #   kernels      the Triton kernels vs their torch references
 #   skinny       the few-token kernel's tile and split-k sweep on llama-1b's decode products (kernels_<gpu>_skinny.json)
@@ -91,9 +91,9 @@ for part in "$@"; do
                   # the same products widened by folded adapters (r = 1.56% / 6.25%: k + 64 / k + 256)
                   timeout 150 python3 -m bench.tune --shapes 2112x2560,2112x2048,2112x11264,5696x2048,2304x2560,2304x2048,2304x11264,5888x2048 \
                     --tokens 8 --dtypes bf16 --roles fwd --timing graph --out bench/results/tune_${gpu}_decode_folded.json ;;
-    tune-dw)      timeout 300 python3 -m bench.tune --roles dw --tokens 4096,8192,16384 \
-                    --out bench/results/tune_${gpu}_dw.json
-                  timeout 150 python3 -m bench.tune --roles dw --shapes 2048x2560,2048x2048,2048x11264,5632x2048 \
+    tune-dw)      for d in ${DTYPES:-bf16 fp16}; do timeout 300 python3 -m bench.tune --roles dw,dw_mvue --tokens 4096,8192,16384 \
+                    --dtypes $d --out bench/results/tune_${gpu}_dw_$d.json; done
+                  timeout 150 python3 -m bench.tune --roles dw,dw_mvue --shapes 2048x2560,2048x2048,2048x11264,5632x2048 \
                     --tokens 16384 --dtypes bf16 --out bench/results/tune_${gpu}_dw_llama1b.json ;;
     layer)        timeout 300 python3 -m bench.layer ;;  # 24 rows took ~250 s on an H200
     kernels)      timeout 90 python3 -m bench.kernels --no-sweep ;;

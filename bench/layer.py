@@ -1,5 +1,5 @@
 """One linear layer, dense vs SparseLinear (cuSPARSELt): fwd, dX, dW (exact, and MVUE as a sparse GEMM),
-whole step, memory.
+whole step (exact, and with ``mvue_dw``: MVUE where its plan does not fall back to the exact dW), memory.
 
 Every ratio is dense time / sparse time from the same run on the same GPU. Times are
 eager (what a training step pays, launch overhead included); the ``*_graph`` columns
@@ -25,6 +25,7 @@ from bench.common import gpu_tag, time_ms, write_result
 from bench.tune import DTYPES, parse_shapes
 from dsparse import SparseLinear
 from dsparse.backends import plans
+from dsparse.backends.base import padded_tokens
 
 
 def _bytes(*tensors: torch.Tensor) -> int:
@@ -92,7 +93,8 @@ def bench_sparse(in_f: int, out_f: int, tokens: int, dtype: torch.dtype) -> dict
         "fwd": time_ms(lambda: backend.linear(ops, x, None)),
         "dx": time_ms(lambda: backend.grad_input(ops, dy)),
         "dw": time_ms(lambda: backend.grad_values(dy, x, layer.idx, 2, 4)),
-        "dw_mvue": time_ms(lambda: backend.grad_values(dy, x, layer.idx, 2, 4, mvue_key=1)),  # sparse_linear's mvue_dw
+        # the MVUE dW itself (step_mvue: what a layer with mvue_dw runs, the exact dW where its plan falls back)
+        "dw_mvue": time_ms(lambda: backend.grad_values(dy, x, layer.idx, 2, 4, mvue_key=1)),
         "step": time_ms(step),
         "step_graph": _graph_ms(step),
         "fwd_graph": time_ms(lambda: backend.linear(ops, x, None), graph=True),
@@ -105,6 +107,8 @@ def bench_sparse(in_f: int, out_f: int, tokens: int, dtype: torch.dtype) -> dict
         "step_peak_mb": _peak_step_mb(step),
         # the exact dW's way: the fused Triton GEMM (and its tile) or cuBLAS + gather (the default plan)
         "dw_plan": asdict(plans.plan_for("dw", tokens, out_f, in_f, dtype)),
+        # the MVUE dW's: its algorithm, and dense where the exact dW measured faster (step_mvue then runs that)
+        "dw_mvue_plan": asdict(plans.plan_for("dw_mvue", padded_tokens(tokens), out_f, in_f, dtype)),
     }
 
 

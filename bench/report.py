@@ -48,12 +48,17 @@ def layer_table() -> list[str]:
         for r in rows:
             s = r["speedup_sparse_tuned"]
             extra = [f"{s[k]:.2f}x" if k in s else "-" for k in ("step_graph", "dw_mvue", "step_mvue")]
+            if r["sparse_tuned"].get("dw_mvue_plan", {}).get("dense"):
+                extra[-1] += " (exact dW)"
             fused = " (fused)" if r["sparse_tuned"].get("dw_plan", {}).get("dw_tile") else ""
             lines.append(f"| {r['in']}x{r['out']} | {r['tokens']} | {r['dtype']} | {s['fwd']:.2f}x | {s['dx']:.2f}x "
                          f"| {s['dw']:.2f}x{fused} | {s['step']:.2f}x | {' | '.join(extra)} |")
         if any(r["sparse_tuned"].get("dw_plan", {}).get("dw_tile") for r in rows):
             lines += ["", "(fused): the exact dW's plan picked the Triton GEMM that keeps the kept entries in its "
                           "epilogue (`kernels.weight_grad_kept`); elsewhere cuBLAS's dense product, then a gather."]
+        if any(r["sparse_tuned"].get("dw_mvue_plan", {}).get("dense") for r in rows):
+            lines += ["", "(exact dW): the MVUE dW's plan measured the exact dW faster here (compressing S(dYᵀ) costs "
+                          "more than its sparse GEMM saves), so a layer with `mvue_dw` takes the exact one."]
         lines.append("")
     return lines
 

@@ -7,6 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsparse import SparseLinear, nm
+from dsparse.backends import plans
+from dsparse.backends.plans import Plan
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -304,6 +306,27 @@ def test_mvue_weight_gradient_is_the_kept_part_of_the_sparsified_product():
     torch.testing.assert_close(layer.values.grad, want)
     exact = nm.gather_kept(dy.reshape(18, 16).t().mm(x.reshape(18, 32)), layer.idx, 4)
     assert not torch.allclose(layer.values.grad, exact)
+
+
+def test_a_shape_whose_mvue_plan_says_dense_takes_the_exact_gradient_and_keeps_the_draws(fresh_plans):
+    torch.manual_seed(0)
+    layers = [SparseLinear(32, 16, bias=False, backend="reference", mvue_dw=mvue) for mvue in (True, True, False)]
+    for layer in layers[1:]:
+        layer.load_state_dict(layers[0].state_dict())
+    x, dy = torch.randn(8, 32), torch.randn(8, 16)
+    plans.set_plan("dw_mvue", 64, 16, 32, torch.float32, Plan(dense=True))  # 8 tokens run padded to 64
+    assert not plans.mvue_pays(8, 16, 32, torch.float32) and plans.mvue_pays(8, 16, 32, torch.bfloat16)
+    for layer in layers[1:]:
+        layer(x).backward(dy)
+    assert torch.equal(layers[1].values.grad, layers[2].values.grad)  # the exact gradient
+    assert layers[1]._mvue_calls == 1  # its draw was made and left unused
+    plans.set_plan("dw_mvue", 64, 16, 32, torch.float32, Plan())
+    layers[0]._mvue_calls = 1
+    layers[0](x).backward(dy)  # the same layer where MVUE runs: the second micro-batch's draw
+    rand = nm.mvue_uniform(nm.mvue_key(0, 0, 1), 16, 32)
+    dy_pad, x_pad = (torch.nn.functional.pad(t, (0, 0, 0, 56)) for t in (dy, x))
+    torch.testing.assert_close(layers[0].values.grad, nm.gather_kept(nm.mvue_pairs(dy_pad.t(), rand).mm(x_pad),
+                                                                      layers[0].idx, 4))
 
 
 def test_mvue_draws_depend_on_step_and_micro_batch_only():

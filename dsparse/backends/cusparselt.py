@@ -231,23 +231,29 @@ class CusparseltBackend(Backend):
         return dy2d.is_cuda and _direct_compress_ok(dy2d, padded_tokens(dy2d.shape[0]))
 
     def grad_values(self, dy2d, x2d, idx, n, m, mvue_key=None, mvue_packed=None):
-        """With ``mvue_key``: the MVUE weight gradient as a cuSPARSELt product, ``dW = S(dYᵀ) X``
-        (the same numbers as the reference). Where the shapes compress unpadded, one Triton pass
-        writes ``S(dYᵀ)`` compressed (else cuSPARSELt compresses it), unless ``mvue_packed`` brings
-        it; the product reads ``X`` as it is. Without: the exact gradient as its plan says
-        (:meth:`_exact_grad_values`)."""
+        """With ``mvue_key``: the MVUE weight gradient as a cuSPARSELt product (:meth:`mvue_grad_values`)
+        on its plan's algorithm. Without: the exact gradient as its plan says (:meth:`exact_grad_values`)."""
         if mvue_key is None:
-            return self._exact_grad_values(dy2d, x2d, idx, n, m, mvue_packed)
+            return self.exact_grad_values(dy2d, x2d, idx, n, m, mvue_packed)
+        alg_id = 0
+        if self.compresses_mvue(dy2d):
+            alg_id = plan_for("dw_mvue", padded_tokens(dy2d.shape[0]), dy2d.shape[1], x2d.shape[1], x2d.dtype).alg_id
+        return self.mvue_grad_values(dy2d, x2d, idx, n, m, mvue_key, mvue_packed, alg_id)
+
+    def mvue_grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int, mvue_key: int,
+                         mvue_packed: torch.Tensor | None, alg_id: int) -> torch.Tensor:
+        """The MVUE weight gradient ``dW = S(dYᵀ) X`` at the kept entries on cuSPARSELt's ``alg_id`` (the same
+        numbers as the reference). Where the shapes compress unpadded, one Triton pass writes ``S(dYᵀ)``
+        compressed (else cuSPARSELt compresses it), unless ``mvue_packed`` brings it; the product reads
+        ``X`` as it is."""
         from . import cslt_binding
 
         padded = padded_tokens(dy2d.shape[0])
         x2d = torch.nn.functional.pad(x2d, (0, 0, 0, padded - x2d.shape[0])) if padded > x2d.shape[0] else x2d
-        alg_id = 0
         if self.compresses_mvue(dy2d):
             from kernels import mvue_compress
 
             packed = mvue_compress(dy2d, mvue_key, padded) if mvue_packed is None else mvue_packed
-            alg_id = plan_for("dw_mvue", padded, dy2d.shape[1], x2d.shape[1], x2d.dtype).alg_id
         elif mvue_packed is not None:
             raise ValueError("grad_values: mvue_packed given for a dY that compresses_mvue refuses")
         else:
@@ -258,7 +264,8 @@ class CusparseltBackend(Backend):
             dense = torch._cslt_sparse_mm(packed, x2d, alg_id=alg_id)  # (out, in) row-major
         return reduce_to_kept(dense, idx, n, m)
 
-    def _exact_grad_values(self, dy2d, x2d, idx, n, m, mvue_packed):
+    def exact_grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int,
+                          mvue_packed: torch.Tensor | None = None) -> torch.Tensor:
         """``dYᵀX`` at the kept entries as its plan (role ``"dw"``) says: one Triton GEMM keeping them in
         its epilogue (:func:`kernels.weight_grad_kept`), or the dense product then a gather."""
         if mvue_packed is None and x2d.dtype == dy2d.dtype:

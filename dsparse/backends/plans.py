@@ -7,7 +7,9 @@ dense GEMM on the decompressed operand where that is faster (small, launch-bound
 not for frozen inference models, which keep only the compressed operand). The exact weight
 gradient's plan says whether cuBLAS's dense ``dYᵀX`` and a gather of the kept entries run, or
 one Triton GEMM that keeps them in its epilogue (:func:`kernels.weight_grad_kept`, and on which
-tile). Plans are chosen by measurement (:mod:`.tuning`) and load once per
+tile); the MVUE weight gradient's plan, its algorithm, or ``dense`` where the exact gradient measured
+faster than compressing ``S(dYᵀ)`` and its sparse GEMM (:func:`mvue_pays`: such products then take the
+exact gradient, the lower-variance one). Plans are chosen by measurement (:mod:`.tuning`) and load once per
 process: first the tuned plans shipped for this GPU and cuSPARSELt version
 (``dsparse/backends/tuned/``), then the user's cache (:func:`default_cache_path`,
 overridable with ``DSPARSE_PLANS``). A product uses the plan tuned for its shape at the
@@ -75,6 +77,15 @@ def plan_for(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan
             plan = _choose(role, tokens, k, n, dtype)
             _CHOSEN[memo_key] = plan
     return plan
+
+
+def mvue_pays(tokens: int, k: int, n: int, dtype: torch.dtype) -> bool:
+    """Whether the MVUE weight gradient ``S(dYᵀ) (k, tokens) x X (tokens, n)`` is worth running: false where
+    its plan (role ``"dw_mvue"``, at the padded token count it runs at) says ``dense``, the exact gradient
+    having measured faster (small products, where compressing ``S(dYᵀ)`` costs more than its GEMM saves)."""
+    from .base import padded_tokens
+
+    return not plan_for("dw_mvue", padded_tokens(tokens), k, n, dtype).dense
 
 
 def chosen() -> list[dict]:

@@ -17,8 +17,8 @@ few-token kernel and the dense GEMM are then timed again. Results are checked ag
 chosen; times are eager (launch overhead included), which is what a training step pays.
 
 The MVUE weight gradient (``S(dYᵀ) X``, :func:`tune_mvue_dw`) is tuned the same way over
-cuSPARSELt's algorithms, and the exact one (:func:`tune_weight_grad`) between cuBLAS's dense
-``dYᵀX`` with a gather of the kept entries and the fused Triton GEMM's tiles. Used on first sight
+cuSPARSELt's algorithms and against the exact gradient (where that is faster, products take it),
+and the exact one (:func:`tune_weight_grad`) between cuBLAS's dense ``dYᵀX`` with a gather of the kept entries and the fused Triton GEMM's tiles. Used on first sight
 of an untuned shape by :func:`dsparse.backends.plans.plan_for`, and by ``python -m bench.tune`` (with CUDA-graph timing of the finalists) to ship plans.
 """
 from __future__ import annotations
@@ -124,26 +124,34 @@ def split_k_candidates(packed: torch.Tensor, x: torch.Tensor) -> list[Plan]:
 
 def tune_mvue_dw(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, graph: bool = False
                  ) -> tuple[Plan, list[dict]]:
-    """The fastest cuSPARSELt algorithm for the MVUE weight gradient ``S (rows, tokens) @ X (tokens, cols)``,
-    ``S`` 2:4 along the tokens and ``X`` read as it is (untransposed result: the gather of the kept
-    entries reads it row-major), on the current GPU, and every timing."""
-    from kernels import mvue_compress
-
+    """The fastest way to the MVUE weight gradient ``S(dYᵀ) (rows, tokens) @ X (tokens, cols)`` at the kept
+    entries on the current GPU, and every timing: each cuSPARSELt algorithm, timed whole as the backend
+    runs it (``S(dYᵀ)`` compressed by :func:`kernels.mvue_compress`, the product reading ``X`` as it is,
+    the gather of the kept entries), against the exact gradient as its own plan runs it. The plan names
+    the fastest algorithm, and ``dense`` where the exact gradient is faster still (:func:`.plans.mvue_pays`)."""
     from . import cslt_binding
+    from .cusparselt import CusparseltBackend
 
     device = torch.device("cuda", torch.cuda.current_device())
     if not cslt_binding.available(dtype, device):
         return Plan(), []  # torch's op then runs it on algorithm 0
     gen = torch.Generator(device=device).manual_seed(0)
     dy = torch.randn(tokens, rows, device=device, dtype=dtype, generator=gen)
-    packed = mvue_compress(dy, 0, tokens)
     x = torch.randn(tokens, cols, device=device, dtype=dtype, generator=gen)
+    idx = nm.kept_positions(nm.nm_mask(torch.rand(rows, cols, device=device, generator=gen), 2, 4), 2, 4)
+    backend = CusparseltBackend()
 
     def run(plan: Plan) -> torch.Tensor:
-        return cslt_binding.sparse_mm(packed, x, None, False, plan.alg_id, x_kn=True)
+        if plan.dense:
+            return backend.exact_grad_values(dy, x, idx, 2, 4)
+        return backend.mvue_grad_values(dy, x, idx, 2, 4, 0, None, plan.alg_id)
 
     count = cslt_binding.alg_count(rows, tokens, cols, dtype, False)
-    return _pick([Plan(alg) for alg in range(count)], run, run(Plan()).float(), graph)
+    table = _time([Plan(alg) for alg in range(count)], run, run(DEFAULT_PLAN).float(), graph,
+                  keep=lambda r: Plan.from_row(r) == DEFAULT_PLAN)
+    exact = {**asdict(Plan(dense=True)), "ms": time_ms(lambda: run(Plan(dense=True)), **FINAL, graph=graph)}
+    best = min((r for r in table if "ms" in r), key=lambda r: r["ms"])
+    return replace(Plan.from_row(best), dense=exact["ms"] < best["ms"]), table + [exact]
 
 
 def tune_weight_grad(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, graph: bool = False

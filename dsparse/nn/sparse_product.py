@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..backends import Backend
+from ..backends.plans import mvue_pays
 from . import adapter_fold
 
 
@@ -22,6 +23,7 @@ class SparseProduct:
 
     n: int
     m: int
+    in_features: int
     cache_operands: bool
     _cache: tuple[tuple, tuple, Backend, Any] | None = None  # (mask key, value key, backend, operands)
     _inference: tuple[Backend, Any] | None = None  # frozen forward-only operands (prepare_inference)
@@ -61,7 +63,7 @@ class SparseProduct:
         raise NotImplementedError
 
     def _draw_key(self) -> int | None:
-        """The MVUE draw key of this weight gradient, or None for the exact one."""
+        """The MVUE draw key of this weight gradient (drawn now), or None where the layer takes the exact one."""
         raise NotImplementedError
 
     def _adapter_rows(self) -> list[tuple[Any, int]]:
@@ -154,7 +156,17 @@ class SparseProduct:
         if (cache is None or self._inference is not None or not any(p.requires_grad for p in self._params())
                 or not cache[2].compresses_mvue(dy2d)):
             return None
-        return self._draw_key()
+        return self._weight_grad_key(dy2d)
+
+    def _weight_grad_key(self, dy2d: torch.Tensor) -> int | None:
+        """The MVUE draw key of the weight gradient of ``dy2d``, or None for the exact gradient: where the
+        layer takes it (:meth:`_draw_key`), and where this shape's MVUE plan measured the exact one faster
+        (:func:`~dsparse.backends.plans.mvue_pays`; the key drawn is then left unused, so the draws of
+        later micro-batches do not depend on the plan)."""
+        key = self._draw_key()
+        if key is None or mvue_pays(dy2d.shape[0], dy2d.shape[1], self.in_features, dy2d.dtype):
+            return key
+        return None
 
     def hold_dw_operand(self, dy2d: torch.Tensor, key: int, packed: torch.Tensor) -> None:
         """Keep ``packed`` (``S(dYᵀ)`` of ``dy2d``, drawn with ``key`` from :meth:`mvue_key_for`) for the
@@ -258,7 +270,7 @@ class _SparseProductFunction(torch.autograd.Function):
             dx = ctx.backend.grad_input(ops, dy2d).reshape(x.shape)
         held = product._take_dw_operand(dy2d)
         if any(ctx.needs_input_grad[3:]):
-            key, packed = held if held is not None else (product._draw_key(), None)
+            key, packed = held if held is not None else (product._weight_grad_key(dy2d), None)
             dvalues = ctx.backend.grad_values(dy2d, x2d, product._positions(), product.n, product.m, key,
                                               mvue_packed=packed)
             dparams = product._param_grads(dvalues)

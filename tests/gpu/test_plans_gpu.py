@@ -6,7 +6,7 @@ from dsparse import SparseLinear
 from dsparse.backends import plans
 from dsparse.backends.cusparselt import skinny_applies
 from dsparse.backends.plans import Plan
-from dsparse.backends.tuning import split_k_factors_taken, tune_product, tune_weight_grad
+from dsparse.backends.tuning import split_k_factors_taken, tune_mvue_dw, tune_product, tune_weight_grad
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_plans")]
 
@@ -116,6 +116,16 @@ def test_weight_gradient_tuning_times_the_fused_tiles_against_cublas_and_gather(
     fused = table[1:]
     assert any("screen_ms" in r for r in fused), [r.get("error") for r in fused]  # some tile built and was right
     assert plan.dw_tile == min((r for r in table if "ms" in r), key=lambda r: r["ms"])["dw_tile"]
+
+
+def test_mvue_tuning_times_each_algorithm_whole_against_the_exact_gradient():
+    plan, table = tune_mvue_dw(2048, 2048, 4096, torch.bfloat16)
+    exact = [r for r in table if r["dense"]]
+    assert len(exact) == 1 and "ms" in exact[0]
+    mvue = [r for r in table if not r["dense"]]
+    assert any("ms" in r for r in mvue) and all("error" not in r for r in mvue if r["alg_id"] == 0)
+    best = min((r for r in mvue if "ms" in r), key=lambda r: r["ms"])
+    assert plan.alg_id == best["alg_id"] and plan.dense == (exact[0]["ms"] < best["ms"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
