@@ -255,9 +255,31 @@ def weight_grad_table() -> list[str]:
     return lines
 
 
+def mvue_grad_table() -> list[str]:
+    """The MVUE weight gradient's tuning (``bench.tune --roles dw_mvue``): its best algorithm, whole, against the
+    exact gradient on that one's plan (the fallback)."""
+    lines = []
+    for name, data in _load("bench/results/tune_*.json"):
+        rows = [r for r in data.get("products", []) if r["role"] == "dw_mvue" and r["dense_ms"] == r["dense_ms"]]
+        if not rows:  # (files from before the fallback timed the product alone, and no exact gradient: NaN)
+            continue
+        lines += [f"**MVUE weight gradient against the exact one** (`{name}`; {_env(data['environment'])}): "
+                  "`S(dYᵀ)` compressed by `kernels.mvue_compress`, cuSPARSELt's product on its best algorithm and "
+                  "the gather of the kept entries, against the exact gradient on its own plan; where the exact one "
+                  "is faster, layers with `mvue_dw` take it", "",
+                  "| in x out | tokens | dtype | exact | MVUE, best algorithm | MVUE speedup | runs |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            mvue = min(t["ms"] for t in r["timings"] if "ms" in t and not t["dense"])
+            lines.append(f"| {r['n']}x{r['k']} | {r['tokens']} | {r['dtype']} | {r['dense_ms']:.3f} ms | {mvue:.3f} ms "
+                         f"| {r['dense_ms'] / mvue:.2f}x | {'exact' if r['plan']['dense'] else 'MVUE'} |")
+        lines.append("")
+    return lines
+
+
 def render() -> str:
     body = (engine_table() + profile_table() + infer_table() + convergence_table() + layer_table() +
-            weight_grad_table() + kernel_table() + fp8_table())
+            weight_grad_table() + mvue_grad_table() + kernel_table() + fp8_table())
     return "\n".join(body or ["No GPU results yet: run the benchmarks in bench/ on a GPU."])
 
 

@@ -92,6 +92,10 @@ def test_layer_table_marks_fused_weight_gradients_and_shows_graphed_steps(monkey
     assert any("| 4096 | bf16 |" in line and "1.00x (fused) | 1.00x | 1.25x | 1.00x" in line for line in lines)
     assert any("| 8192 | bf16 |" in line and "| 1.00x | 1.00x | - | 1.00x" in line for line in lines)
     assert any("kernels.weight_grad_kept" in line for line in lines)
+    data["rows"][1]["sparse_tuned"]["dw_mvue_plan"] = {"dense": True}  # the MVUE step fell back to the exact dW
+    lines = report.layer_table()
+    assert any("| 8192 | bf16 |" in line and line.endswith("| 1.00x (exact dW) |") for line in lines)
+    assert any("a layer with `mvue_dw` takes the exact one" in line for line in lines)
 
 
 def test_weight_gradient_table_compares_the_fused_tiles_with_cublas_and_gather(monkeypatch):
@@ -111,3 +115,19 @@ def test_weight_gradient_table_compares_the_fused_tiles_with_cublas_and_gather(m
     assert "| 0.400 ms (screen) | 0.75x (screen) | 128x256x64_w8_s3 |" in report.weight_grad_table()[4]
     rows[0]["timings"] = [{"dw_tile": "", "ms": 0.25}, {"dw_tile": "64x128x64_w4_s4", "error": "x"}]
     assert report.weight_grad_table()[4].endswith("| - | - | none ran |")
+
+
+def test_mvue_gradient_table_shows_which_way_each_product_runs(monkeypatch):
+    def row(n, exact_ms, mvue_ms):
+        timings = [{"alg_id": 0, "dense": False, "ms": mvue_ms + 0.01}, {"alg_id": 3, "dense": False, "ms": mvue_ms},
+                   {"alg_id": 4, "dense": False, "error": "x"}, {"alg_id": 0, "dense": True, "ms": exact_ms}]
+        return {"role": "dw_mvue", "tokens": 16384, "k": n, "n": 2048, "dtype": "bf16", "dense_ms": exact_ms,
+                "plan": {"alg_id": 3, "dense": exact_ms < mvue_ms}, "timings": timings}
+
+    older = {**row(2048, float("nan"), 0.1), "timings": [{"alg_id": 0, "dense": False, "ms": 0.1}]}
+    data = {"environment": {"gpu": "test"}, "products": [row(2560, 0.221, 0.227), row(5632, 0.542, 0.382), older]}
+    monkeypatch.setattr(report, "_load", lambda pattern: [("tune_test_dw.json", data)] if "tune_" in pattern else [])
+    lines = report.mvue_grad_table()
+    assert "| 2048x2560 | 16384 | bf16 | 0.221 ms | 0.227 ms | 0.97x | exact |" in lines
+    assert "| 2048x5632 | 16384 | bf16 | 0.542 ms | 0.382 ms | 1.42x | MVUE |" in lines
+    assert not any(line.startswith("| 2048x2048") for line in lines)  # timed before the fallback: no exact time
