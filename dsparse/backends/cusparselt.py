@@ -234,7 +234,9 @@ class CusparseltBackend(Backend):
         """With ``mvue_key``: the MVUE weight gradient as a cuSPARSELt product (:meth:`mvue_grad_values`)
         on its plan's algorithm. Without: the exact gradient as its plan says (:meth:`exact_grad_values`)."""
         if mvue_key is None:
-            return self.exact_grad_values(dy2d, x2d, idx, n, m, mvue_packed)
+            if mvue_packed is not None:
+                raise ValueError("grad_values: mvue_packed given without the mvue_key it was drawn with")
+            return self.exact_grad_values(dy2d, x2d, idx, n, m)
         alg_id = 0
         if self.compresses_mvue(dy2d):
             alg_id = plan_for("dw_mvue", padded_tokens(dy2d.shape[0]), dy2d.shape[1], x2d.shape[1], x2d.dtype).alg_id
@@ -264,11 +266,11 @@ class CusparseltBackend(Backend):
             dense = torch._cslt_sparse_mm(packed, x2d, alg_id=alg_id)  # (out, in) row-major
         return reduce_to_kept(dense, idx, n, m)
 
-    def exact_grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int,
-                          mvue_packed: torch.Tensor | None = None) -> torch.Tensor:
+    def exact_grad_values(self, dy2d: torch.Tensor, x2d: torch.Tensor, idx: torch.Tensor, n: int, m: int
+                          ) -> torch.Tensor:
         """``dYᵀX`` at the kept entries as its plan (role ``"dw"``) says: one Triton GEMM keeping them in
         its epilogue (:func:`kernels.weight_grad_kept`), or the dense product then a gather."""
-        if mvue_packed is None and x2d.dtype == dy2d.dtype:
+        if x2d.dtype == dy2d.dtype:
             tile = plan_for("dw", dy2d.shape[0], dy2d.shape[1], x2d.shape[1], x2d.dtype).dw_tile
             if tile:
                 from kernels import kept_grad
@@ -276,7 +278,7 @@ class CusparseltBackend(Backend):
                 config = kept_grad.TILES[tile]  # (load_plans drops plans naming tiles this version lacks)
                 if kept_grad.kept_grad_applies(n, m, config):
                     return kept_grad.weight_grad_kept(dy2d, x2d, idx, n, m, config=config)
-        return super().grad_values(dy2d, x2d, idx, n, m, mvue_packed=mvue_packed)
+        return super().grad_values(dy2d, x2d, idx, n, m)
 
     def grad_input(self, ops: CompressedOperands, dy2d):
         if ops.weight_t is None:

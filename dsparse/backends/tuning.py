@@ -18,8 +18,10 @@ chosen; times are eager (launch overhead included), which is what a training ste
 
 The MVUE weight gradient (``S(dYᵀ) X``, :func:`tune_mvue_dw`) is tuned the same way over
 cuSPARSELt's algorithms and against the exact gradient (where that is faster, products take it),
-and the exact one (:func:`tune_weight_grad`) between cuBLAS's dense ``dYᵀX`` with a gather of the kept entries and the fused Triton GEMM's tiles. Used on first sight
-of an untuned shape by :func:`dsparse.backends.plans.plan_for`, and by ``python -m bench.tune`` (with CUDA-graph timing of the finalists) to ship plans.
+and the exact one (:func:`tune_weight_grad`) between cuBLAS's dense ``dYᵀX`` with a gather of the
+kept entries and the fused Triton GEMM's tiles. Used on first sight of an untuned shape by
+:func:`dsparse.backends.plans.plan_for`, and by ``python -m bench.tune`` (with CUDA-graph timing of
+the finalists) to ship plans.
 """
 from __future__ import annotations
 
