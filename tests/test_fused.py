@@ -217,13 +217,19 @@ def test_fused_rotary_keeps_hf_signature():
         assert all(torch.equal(a, b) for a, b in zip(fused(qq, kk, cos, sin, *args, **kwargs), want))
 
 
-def test_swiglu_backward_writes_the_gate_up_groups_mvue_operand(monkeypatch):
+@pytest.mark.parametrize("falls_back", [False, True])
+def test_swiglu_backward_writes_the_gate_up_groups_mvue_operand(monkeypatch, fresh_plans, falls_back):
     """Where the backend takes the MVUE ``S(dYᵀ)`` compressed (cuSPARSELt), SwiGLU's backward writes it for
-    the gate/up group in its own pass (kernels.mvue_compress_swiglu): same operand, same draws, same gradients."""
+    the gate/up group in its own pass (kernels.mvue_compress_swiglu): same operand, same draws, same gradients.
+    Where gate/up's MVUE plan falls back to the exact gradient it writes none, and the draws still agree."""
     from dsparse import fuse_projections
-    from dsparse.backends import BACKENDS, ReferenceBackend
+    from dsparse.backends import BACKENDS, ReferenceBackend, plans
     from dsparse.backends.base import padded_tokens
+    from dsparse.backends.plans import Plan
     from kernels import mvue_compress_reference
+
+    if falls_back:  # gate/up: 48 tokens (padded to 64) x 256 stacked rows x 64 inputs
+        plans.set_plan("dw_mvue", 64, 256, 64, torch.bfloat16, Plan(dense=True))
 
     class TakesCompressed(ReferenceBackend):
         """The reference, told it compresses S(dYᵀ) as cuSPARSELt does: it checks what it is handed."""
@@ -253,6 +259,7 @@ def test_swiglu_backward_writes_the_gate_up_groups_mvue_operand(monkeypatch):
             model(input_ids=ids, labels=ids).loss.backward()
         grads.append({name: p.grad for name, p in model.named_parameters()})
         keys.append([layer._mvue_calls for _, layer in sparse_modules(model)])
-    assert backend.handed == [(48, 256)] * 4  # each block's gate/up, each micro-batch
-    assert keys[0] == keys[1]
+    assert backend.handed == ([] if falls_back else [(48, 256)] * 4)  # each block's gate/up, each micro-batch
+    # one draw per product and micro-batch either way (a group draws with its first layer: q of q/k/v, gate of gate/up)
+    assert keys[0] == keys[1] == [2, 0, 0, 2, 2, 0, 2] * 2
     assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])

@@ -249,7 +249,11 @@ class ProjectionGroup(_Siblings, SparseProduct):
     def _param_grads(self, dvalues: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(layer._param_grad(d) for layer, d in zip(self.layers, dvalues.split(self.sizes)))
 
-    def _draw_key(self) -> int | None:
+    @property
+    def mvue_dw(self) -> bool:
+        return self.layers[0].mvue_dw
+
+    def _draw_key(self) -> int:
         return self.layers[0]._draw_key()
 
     def _adapter_rows(self) -> list[tuple[Any, int]]:

@@ -236,9 +236,6 @@ class SparseLinear(SparseProduct, nn.Module):
     def _param_grads(self, dvalues: torch.Tensor) -> tuple[torch.Tensor]:
         return (self._param_grad(dvalues),)
 
-    def _draw_key(self) -> int | None:
-        return self._mvue_key() if self.mvue_dw else None
-
     def _adapter_rows(self) -> list[tuple[Any, int]]:
         return [(self if self.adapter_is_active else None, self.out_features)]
 
@@ -288,7 +285,7 @@ class SparseLinear(SparseProduct, nn.Module):
         """Free the adapter's ``A`` and ``B`` (folded into a frozen forward operand, which holds them)."""
         _release(self.adapter_a, self.adapter_b)
 
-    def _mvue_key(self) -> int:
+    def _draw_key(self) -> int:
         """The draw key of this micro-batch's MVUE weight gradient: a function of (layer seed, optimizer
         step, micro-batch) only, so runs and resumes reproduce it, independent of the global RNG."""
         key = nm.mvue_key(self.mvue_seed, self._host_step, self._mvue_calls)

@@ -24,6 +24,7 @@ class SparseProduct:
     n: int
     m: int
     in_features: int
+    mvue_dw: bool  # the weight gradient from an MVUE sparsification of dYᵀ (where its plan does not fall back)
     cache_operands: bool
     _cache: tuple[tuple, tuple, Backend, Any] | None = None  # (mask key, value key, backend, operands)
     _inference: tuple[Backend, Any] | None = None  # frozen forward-only operands (prepare_inference)
@@ -62,8 +63,8 @@ class SparseProduct:
         """The gradients of the weight parameters given to :func:`sparse_product`, from ``dvalues``."""
         raise NotImplementedError
 
-    def _draw_key(self) -> int | None:
-        """The MVUE draw key of this weight gradient (drawn now), or None where the layer takes the exact one."""
+    def _draw_key(self) -> int:
+        """Draw the MVUE key of this micro-batch's weight gradient (one per micro-batch: see :meth:`_weight_grad_key`)."""
         raise NotImplementedError
 
     def _adapter_rows(self) -> list[tuple[Any, int]]:
@@ -154,19 +155,23 @@ class SparseProduct:
         (no key is drawn)."""
         cache = self._cache
         if (cache is None or self._inference is not None or not any(p.requires_grad for p in self._params())
-                or not cache[2].compresses_mvue(dy2d)):
-            return None
-        return self._weight_grad_key(dy2d)
+                or not cache[2].compresses_mvue(dy2d) or not self.mvue_dw or not self._runs_mvue(dy2d)):
+            return None  # (no key drawn: the backward draws this micro-batch's)
+        return self._draw_key()
 
     def _weight_grad_key(self, dy2d: torch.Tensor) -> int | None:
         """The MVUE draw key of the weight gradient of ``dy2d``, or None for the exact gradient: where the
-        layer takes it (:meth:`_draw_key`), and where this shape's MVUE plan measured the exact one faster
-        (:func:`~dsparse.backends.plans.mvue_pays`; the key drawn is then left unused, so the draws of
-        later micro-batches do not depend on the plan)."""
+        layer takes it (not :attr:`mvue_dw`), and where this shape's MVUE plan measured the exact one
+        faster (:meth:`_runs_mvue`). A layer with :attr:`mvue_dw` draws one key per micro-batch either way
+        (left unused where the plan falls back), so later draws do not depend on the plans."""
+        if not self.mvue_dw:
+            return None
         key = self._draw_key()
-        if key is None or mvue_pays(dy2d.shape[0], dy2d.shape[1], self.in_features, dy2d.dtype):
-            return key
-        return None
+        return key if self._runs_mvue(dy2d) else None
+
+    def _runs_mvue(self, dy2d: torch.Tensor) -> bool:
+        """Whether this shape's MVUE plan runs the MVUE gradient (:func:`~dsparse.backends.plans.mvue_pays`)."""
+        return mvue_pays(dy2d.shape[0], dy2d.shape[1], self.in_features, dy2d.dtype)
 
     def hold_dw_operand(self, dy2d: torch.Tensor, key: int, packed: torch.Tensor) -> None:
         """Keep ``packed`` (``S(dYᵀ)`` of ``dy2d``, drawn with ``key`` from :meth:`mvue_key_for`) for the
