@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from .base import padded_tokens
+
 log = logging.getLogger(__name__)
 
 
@@ -83,8 +85,6 @@ def mvue_pays(tokens: int, k: int, n: int, dtype: torch.dtype) -> bool:
     """Whether the MVUE weight gradient ``S(dYᵀ) (k, tokens) x X (tokens, n)`` is worth running: false where
     its plan (role ``"dw_mvue"``, at the padded token count it runs at) says ``dense``, the exact gradient
     having measured faster (small products, where compressing ``S(dYᵀ)`` costs more than its GEMM saves)."""
-    from .base import padded_tokens
-
     return not plan_for("dw_mvue", padded_tokens(tokens), k, n, dtype).dense
 
 
