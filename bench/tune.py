@@ -88,6 +88,9 @@ def main() -> None:
     roles = tuple(args.roles.split(","))
     if set(roles) - set(ROLES):
         parser.error(f"--roles: unknown {sorted(set(roles) - set(ROLES))}; choose from {', '.join(ROLES)}")
+    if set(args.dtypes.split(",")) - set(DTYPES):
+        parser.error(f"--dtypes: unknown {sorted(set(args.dtypes.split(',')) - set(DTYPES))}; choose from "
+                     f"{', '.join(DTYPES)}")
     path = args.plans or plans.default_cache_path()
     if os.path.exists(path):  # keep the plans of shapes not tuned in this run
         plans.load_plans(path)

@@ -140,3 +140,15 @@ def test_autotuning_is_on_unless_turned_off(monkeypatch):
     assert not plans.autotune_enabled()
     monkeypatch.setenv("DSPARSE_AUTOTUNE", "1")
     assert plans.autotune_enabled()
+
+
+@pytest.mark.parametrize("flag, value", [("--roles", "fwd,dW"), ("--dtypes", "bf16,fp32")])
+def test_bench_tune_refuses_unknown_roles_and_dtypes_before_tuning(monkeypatch, capsys, flag, value):
+    import sys
+
+    from bench import tune
+
+    monkeypatch.setattr(sys, "argv", ["tune", flag, value])
+    with pytest.raises(SystemExit):
+        tune.main()
+    assert f"{flag}: unknown" in capsys.readouterr().err

@@ -131,8 +131,7 @@ def tune_mvue_dw(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, graph
     runs it (``S(dYᵀ)`` compressed by :func:`kernels.mvue_compress`, the product reading ``X`` as it is,
     the gather of the kept entries), against the exact gradient as its own plan runs it. The plan names
     the fastest algorithm, and ``dense`` where the exact gradient is faster still (:func:`.plans.mvue_pays`)."""
-    from . import cslt_binding
-    from .cusparselt import CusparseltBackend
+    from . import BACKENDS, cslt_binding
 
     device = torch.device("cuda", torch.cuda.current_device())
     if not cslt_binding.available(dtype, device):
@@ -141,7 +140,7 @@ def tune_mvue_dw(rows: int, cols: int, tokens: int, dtype: torch.dtype, *, graph
     dy = torch.randn(tokens, rows, device=device, dtype=dtype, generator=gen)
     x = torch.randn(tokens, cols, device=device, dtype=dtype, generator=gen)
     idx = nm.kept_positions(nm.nm_mask(torch.rand(rows, cols, device=device, generator=gen), 2, 4), 2, 4)
-    backend = CusparseltBackend()
+    backend = BACKENDS["cusparselt"]
 
     def run(plan: Plan) -> torch.Tensor:
         if plan.dense:
