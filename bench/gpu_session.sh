@@ -24,7 +24,8 @@
 #   repeats      dense and dsparse (the defaults) interleaved, $REPEATS (3) runs of 30 steps each, pooled, clocks logged
 #                (replaces earlier repeats: a pooled result comes from one machine)
 #   overlap      the llama-1b step of 'step' without ZeRO's overlap_comm (it synchronizes the GPU at each bucket flush)
-#   step-more    the same with static 2:4 and with activation checkpointing; a 7B-shaped 4-layer slice (+MVUE)
+#   step-more    the same with static 2:4 and with activation checkpointing
+#   step-7b      a 7B-shaped 4-layer slice, 4x2048 tokens: dense, dsparse, dsparse+MVUE (engine_<gpu>_llama7b_4layers.json)
 #   profile      the llama-1b step of 'step', dense and dsparse, under torch.profiler: GPU time by kernel category
 #                and GPU idle time, then under cProfile: host time by function (replaces earlier profiles; profile-more and profile-overlap add to it)
 #   profile-more the same with torch's threaded backward, and that without the fused RMSNorm/SwiGLU
@@ -47,6 +48,8 @@
 #                sparse operand, and (rows *_added) multiply-added after the product
 #   infer-graphs the same without profiles or unfolded adapters, with the captured decoding steps running the fused
 #                kernels and HF's code (infer_<gpu>_graphs_fusion_{on,off}.json)
+#   infer-7b     'infer' on LLaMA-7B's shapes (32 blocks, 4096 hidden), folded adapters, with profiles: prefill's
+#                GEMMs are a larger share than llama-1b's (infer_<gpu>_llama7b.json)
 #   convergence  gpt2-small dense vs dsparse vs static at equal tokens
 #   convergence-mvue  a shorter run (300 steps): dense vs dsparse vs dsparse with MVUE weight gradients
 #   nccl         the 2-GPU engine test and step benchmark, with one GPU of the same host for scale (needs 2 GPUs)
@@ -119,13 +122,12 @@ for part in "$@"; do
                   step 1 llama-1b sparse_no_overlap --mode sparse --overlap_comm off
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
     step-more)    step 1 llama-1b dense_gc --mode dense --grad_ckpt; step 1 llama-1b sparse_gc --mode sparse --grad_ckpt
-                  merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json
-                  step 1 llama-7b dense --mode dense --layers 4 --micro_batch_size 4
-                  step 1 llama-7b sparse --mode sparse --layers 4 --micro_batch_size 4
-                  step 1 llama-7b sparse_mvue --mode sparse --mvue_dw --layers 4 --micro_batch_size 4
-                  merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_{dense,sparse,sparse_mvue}.json
                   step 1 llama-1b static --mode static
                   merge bench/results/engine_${gpu}.json $runs/llama-1b_*.json ;;
+    step-7b)      step 1 llama-7b dense --mode dense --layers 4 --micro_batch_size 4
+                  step 1 llama-7b sparse --mode sparse --layers 4 --micro_batch_size 4
+                  step 1 llama-7b sparse_mvue --mode sparse --mvue_dw --layers 4 --micro_batch_size 4
+                  merge bench/results/engine_${gpu}_llama7b_4layers.json $runs/llama-7b_{dense,sparse,sparse_mvue}.json ;;
     profile)      rm -f $runs/profile/*.json; profile dense ""; profile sparse ""
                   merge bench/results/engine_${gpu}_profile.json $runs/profile/llama-1b_*.json ;;
     profile-more) for m in dense sparse; do profile $m _threaded --autograd_threads
@@ -170,6 +172,7 @@ for part in "$@"; do
                   step 1 llama-7b sparse_8l_gc --mode sparse --layers 8 --micro_batch_size 1 --grad_ckpt
                   merge bench/results/engine_${gpu}_llama7b_8layers_gc.json $runs/llama-7b_*_8l_gc.json ;;
     infer)        timeout 400 python3 -m bench.infer --profile --fold on,off ;;
+    infer-7b)     timeout 500 python3 -m bench.infer --model llama-7b --profile --out bench/results/infer_${gpu}_llama7b.json ;;
     infer-graphs) for f in on off; do timeout 260 python3 -m bench.infer --fold on --graph_fusion $f \
                     --out bench/results/infer_${gpu}_graphs_fusion_$f.json; done ;;
     convergence)  timeout 560 python3 -m bench.convergence --gpus 1 ;;
