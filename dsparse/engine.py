@@ -11,8 +11,9 @@ One training step, as a user's loop drives it::
     engine.step()                 # DeepSpeed: ZeRO step, clipping, loss scale, LR schedule (ZeRO-1/2's
                                   # inf/NaN check and gradient norm fused, and no host sync under
                                   # "step": {"sync_free": true}: zero_checks); then, if the
-                                  # step was applied, SparseTraining.after_step: the W̃ᵀ masks follow
-                                  # their schedule (checked across ranks), the phase advances (end of
+                                  # step was applied, SparseTraining.after_step: at each phase's first
+                                  # step the ranks take rank 0's GEMM plans (agree_plans); the W̃ᵀ masks
+                                  # follow their schedule (checked across ranks), the phase advances (end of
                                   # dense warm-up, lazy adapters), and every layer's operands are
                                   # refreshed from the new values (operand_refresh: one CUDA graph)
 
@@ -37,7 +38,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import AutogradConfig, FusionConfig, SparsityConfig, StepConfig
-from .distributed import broadcast_masks, check_mask_agreement
+from .distributed import agree_plans, broadcast_masks, check_mask_agreement
 from .nn import fuse_model, fuse_projections, sparse_modules, sparsify
 from .nn.operand_refresh import OperandRefresh
 from .nn.sparse_linear import store_steps
@@ -76,6 +77,7 @@ class SparseTraining:
         self.refresh_operands = OperandRefresh(self.layers)
         self.adapter_group: int | None = None
         self.group_settings: list[dict[str, Any]] = []  # each param group's hyperparameters at start
+        self.plans_agreed_in: str | None = None  # the phase whose products' plans the ranks last agreed on
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -166,6 +168,10 @@ class SparseTraining:
         """Called once per applied optimizer step: mask schedule, operand refresh, phase changes."""
         if not self.layers:
             return
+        ran = self.phase  # the phase of the step just applied: its products have looked up their plans
+        if ran != self.plans_agreed_in:
+            agree_plans()
+            self.plans_agreed_in = ran
         changed = []
         for layer in self.layers:  # one layer gathered at a time under ZeRO-3, only when its mask changes
             with self._gathered([layer._param] if layer.mask_change_due() else []):

@@ -83,6 +83,24 @@ def test_chosen_lists_every_product_looked_up_with_its_plan():
     assert Plan.from_row(rows["fwd"]) == DEFAULT_PLAN and (rows["fwd"]["tokens"], rows["fwd"]["k"]) == (8192, 2048)
 
 
+def test_another_ranks_rows_replace_this_ones_plans_at_the_products_it_looked_up():
+    """What :func:`dsparse.distributed.agree_plans` moves between ranks: the keys each looked up (surviving
+    the memo's reset when a plan is installed), rank 0's rows for them, installed over this rank's own."""
+    plans.set_plan("dw_mvue", 16384, 2560, 2048, torch.bfloat16, Plan(5))  # "rank 0"'s plan
+    plans.plan_for("dw_mvue", 16384, 2560, 2048, torch.bfloat16)
+    plans.plan_for("fwd", 16384, 2048, 2560, torch.bfloat16)
+    plans.set_plan("fwd", 1024, 64, 64, torch.float32, Plan(1))  # resets the memo; the keys stay looked up
+    keys = plans.looked_up()
+    assert keys == [("dw_mvue", 16384, 2560, 2048, "bfloat16"), ("fwd", 16384, 2048, 2560, "bfloat16")]
+    rows = plans.rows_for(keys)
+    plans.clear_plans()  # "rank 1": its own timing fell back to the exact gradient
+    plans.set_plan("dw_mvue", 16384, 2560, 2048, torch.bfloat16, Plan(2, dense=True))
+    assert not plans.mvue_pays(16384, 2560, 2048, torch.bfloat16)
+    assert plans.install_rows(rows, "rank 0's plans") == 2
+    assert plans.plan_for("dw_mvue", 16384, 2560, 2048, torch.bfloat16) == Plan(5)
+    assert plans.plan_for("fwd", 16384, 2048, 2560, torch.bfloat16) == DEFAULT_PLAN
+
+
 def test_a_weight_gradient_plan_on_a_tile_this_version_lacks_is_left_out(tmp_path, caplog):
     path = tmp_path / "other_version.json"
     rows = [{"role": "dw", "tokens": 8192, "k": 2048, "n": 2048, "dtype": "bfloat16", "dw_tile": name}

@@ -16,7 +16,10 @@ overridable with ``DSPARSE_PLANS``). A product uses the plan tuned for its shape
 nearest token count within a factor of two. A shape seen for the first time is tuned on
 the spot, once, and the choice is added to the user's cache, so no product ever runs on
 an unmeasured guess; ``DSPARSE_AUTOTUNE=0`` turns that off (such products then run on
-cuSPARSELt's default, algorithm 0 untransposed, and the weight gradient unfused).
+cuSPARSELt's default, algorithm 0 untransposed, and the weight gradient unfused). Timing differs
+from rank to rank, so a training engine makes its ranks agree after their first step
+(:func:`dsparse.distributed.agree_plans`: rank 0's plan for every product any rank has run, through
+:func:`looked_up`, :func:`rows_for` and :func:`install_rows`).
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ DEFAULT_PLAN = Plan()
 TOKEN_REACH = 2.0  # a plan tuned at T tokens serves products of T / 2 .. 2 T tokens
 _PLANS: dict[tuple[str, int, int, str], dict[int, Plan]] = {}  # (role, k, n, dtype) -> {tokens: plan}
 _CHOSEN: dict[tuple[str, int, int, int, str], Plan] = {}  # (role, tokens, k, n, dtype) -> plan: the hot-path memo
+_SEEN: set[tuple[str, int, int, int, str]] = set()  # every (role, tokens, k, n, dtype) looked up (_CHOSEN is reset)
 _LOCK = threading.RLock()  # the backward runs on autograd's thread
 _loaded = False
 _default_only = False
@@ -78,6 +82,7 @@ def plan_for(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan
         with _LOCK:
             plan = _choose(role, tokens, k, n, dtype)
             _CHOSEN[memo_key] = plan
+            _SEEN.add(memo_key)
     return plan
 
 
@@ -95,14 +100,50 @@ def chosen() -> list[dict]:
         return [_row(_shape_key(role, k, n, dtype), tokens, plan) for (role, tokens, k, n, dtype), plan in _CHOSEN.items()]
 
 
+def looked_up() -> list[tuple[str, int, int, int, str]]:
+    """Every product this process has looked a plan up for, as sorted ``(role, tokens, k, n, dtype)`` keys
+    with the dtype's name (picklable and comparable: what ranks exchange to agree on plans)."""
+    with _LOCK:
+        return sorted({(role, int(tokens), int(k), int(n), str(dtype).removeprefix("torch."))
+                       for role, tokens, k, n, dtype in _SEEN})
+
+
+def rows_for(keys: list[tuple[str, int, int, int, str]]) -> list[dict]:
+    """This process's plan for each ``(role, tokens, k, n, dtype)`` key (tuning where it has none), as
+    rows for :func:`install_rows`."""
+    rows = []
+    for role, tokens, k, n, dtype in keys:
+        plan = plan_for(role, tokens, k, n, getattr(torch, dtype))
+        rows.append(_row(_shape_key(role, k, n, dtype), tokens, plan))
+    return rows
+
+
+def install_rows(rows: list[dict], source: str) -> int:
+    """Install plan rows (a plan file's, or another rank's :func:`rows_for`) at their token counts; returns
+    how many. A weight-gradient plan naming a tile this version's kernels lack (a file from another version)
+    is left out, so its shape is tuned again on first use."""
+    from kernels.kept_grad import TILES
+
+    installed = 0
+    for row in rows:
+        plan = Plan.from_row(row)
+        if plan.dw_tile and plan.dw_tile not in TILES:
+            log.warning("dsparse: %s: left out a weight-gradient plan on tile %r, which kernels.kept_grad.TILES "
+                        "lacks (a plan file from another version); that shape is tuned again on first use",
+                        source, plan.dw_tile)
+            continue
+        set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"], plan)
+        installed += 1
+    return installed
+
+
 def _row(key: tuple[str, int, int, str], tokens: int, plan: Plan) -> dict:
     """A plan as a JSON row: its product's role, tokens, k, n and dtype, then its fields."""
     return {"role": key[0], "tokens": tokens, "k": key[1], "n": key[2], "dtype": key[3], **asdict(plan)}
 
 
 def _choose(role: str, tokens: int, k: int, n: int, dtype: torch.dtype) -> Plan:
-    if not _loaded:
-        load_default_plans()
+    ensure_loaded()
     plan = _tuned(role, tokens, k, n, dtype)
     if plan is not None:
         return plan
@@ -153,6 +194,7 @@ def clear_plans() -> None:
     with _LOCK:
         _PLANS.clear()
         _CHOSEN.clear()
+        _SEEN.clear()
         _loaded = False
 
 
@@ -194,26 +236,19 @@ def save_plans(path: str | os.PathLike) -> None:
 
 
 def load_plans(path: str | os.PathLike) -> int:
-    """Install the plans of a JSON file written by :func:`save_plans`; returns how many. A weight-gradient
-    plan naming a tile this version's kernels lack (a file from another version) is left out, so its
-    shape is tuned again on first use."""
+    """Install the plans of a JSON file written by :func:`save_plans` (:func:`install_rows`); returns how many."""
     global _loaded
-    from kernels.kept_grad import TILES
-
     with open(path) as f:
-        rows = json.load(f)
-    installed = 0
-    for row in rows:
-        plan = Plan.from_row(row)
-        if plan.dw_tile and plan.dw_tile not in TILES:
-            log.warning("dsparse: %s: left out a weight-gradient plan on tile %r, which kernels.kept_grad.TILES "
-                        "lacks (a plan file from another version); that shape is tuned again on first use",
-                        path, plan.dw_tile)
-            continue
-        set_plan(row["role"], row["tokens"], row["k"], row["n"], row["dtype"], plan)
-        installed += 1
+        installed = install_rows(json.load(f), str(path))
     _loaded = True
     return installed
+
+
+def ensure_loaded() -> None:
+    """Load the shipped plans and the user's cache, unless this process already has (before installing
+    rows that must not be overwritten by a later first load)."""
+    if not _loaded:
+        load_default_plans()
 
 
 def load_default_plans() -> None:

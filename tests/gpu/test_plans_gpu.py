@@ -71,6 +71,19 @@ def test_an_unseen_shape_is_tuned_once_and_cached(tmp_path, monkeypatch):
     assert plans.plan_for("fwd", 1024, 768, 3072, torch.bfloat16) == plan
 
 
+def test_rank_0_answers_a_product_only_another_rank_met_with_a_plan_it_tunes(monkeypatch):
+    """``rows_for`` (rank 0's side of ``agree_plans``) tunes a key it has not looked up, on the key's dtype name."""
+    monkeypatch.setenv("DSPARSE_AUTOTUNE", "1")
+    key = ("dw_mvue", 1024, 1536, 768, "bfloat16")
+    assert plans.looked_up() == []
+    (row,) = plans.rows_for([key])
+    assert (row["role"], row["tokens"], row["k"], row["n"], row["dtype"]) == key
+    assert plans.looked_up() == [key]
+    plans.clear_plans()
+    assert plans.install_rows([row], "rank 0's plans") == 1
+    assert plans.plan_for("dw_mvue", 1024, 1536, 768, torch.bfloat16) == Plan.from_row(row)
+
+
 @pytest.mark.parametrize("dense_role", ["fwd", "dx", "both"])
 def test_dense_plans_match_the_reference_before_and_after_a_step(dense_role):
     torch.manual_seed(0)

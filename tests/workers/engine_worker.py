@@ -327,6 +327,33 @@ def scenario_mismatch(args) -> dict:
         return {"error": str(e)}
 
 
+def scenario_plans(args) -> dict:
+    """Rank 1 holds MVUE weight-gradient plans that fall back to the exact gradient for every product (as its
+    own timing may have said), rank 0 none: which products each rank runs exact, before and after its first
+    optimizer step (run with --mvue_dw)."""
+    from dsparse.backends import plans
+    from dsparse.backends.base import padded_tokens
+
+    engine = build(ds_config(2, dist.get_world_size()))
+    tokens = padded_tokens(engine.train_micro_batch_size_per_gpu() * SEQ)
+    shapes = [(layer.out_features, layer.in_features) for layer in engine.sparsity.layers]
+    plans.ensure_loaded()
+    if dist.get_rank() == 1:
+        for out, inp in shapes:
+            plans.set_plan("dw_mvue", tokens, out, inp, torch.float32, plans.Plan(dense=True))
+
+    def exact() -> list[bool]:
+        return [not plans.mvue_pays(tokens, out, inp, torch.float32) for out, inp in shapes]
+
+    before = exact()
+    first = train(engine, 0, 1)
+    after = exact()
+    rows = first + train(engine, 1, 3)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"before": before, "after": after})
+    return {"ranks": gathered, "rows": rows}
+
+
 SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
