@@ -43,6 +43,7 @@ def runs(tmp_path_factory):
     results["sync_free"] = go("deepspeed", "sync_free", "--stages", "1,2")
     results["mismatch"] = go("deepspeed", "mismatch")
     results["plans"] = go("deepspeed", "plans", "--mvue_dw")
+    results["plans_mpi"] = go("mpiexec", "plans", "--mvue_dw")
     return results
 
 
@@ -207,10 +208,11 @@ def test_checkpoint_of_another_sparsity_config_is_refused(runs):
     assert "down_proj': pattern '2:4' in the checkpoint vs '2:8' here" in error
 
 
-def test_ranks_run_rank_0s_plans_from_their_second_step(runs):
+@pytest.mark.parametrize("launcher", ["plans", "plans_mpi"])
+def test_ranks_run_rank_0s_plans_from_their_second_step(runs, launcher):
     """Rank 1's own plans fall back to the exact weight gradient everywhere, rank 0's nowhere: after the
-    first optimizer step both run rank 0's (MVUE), and training goes on."""
-    ranks, rows = runs["plans"]["ranks"], runs["plans"]["rows"]
+    first optimizer step both run rank 0's (MVUE), and training goes on (deepspeed launcher and mpiexec)."""
+    ranks, rows = runs[launcher]["ranks"], runs[launcher]["rows"]
     count = len(ranks[0]["before"])
     assert count == 14  # q, k, v, o, gate, up, down in each of the two blocks
     assert ranks[0]["before"] == [False] * count and ranks[1]["before"] == [True] * count
