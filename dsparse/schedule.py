@@ -5,8 +5,6 @@ from dataclasses import dataclass
 
 from .config import SparsityConfig
 
-PHASES = ("dense", "sparse", "adapters")
-
 
 @dataclass(frozen=True)
 class Schedule:
