@@ -104,8 +104,8 @@ def looked_up() -> list[tuple[str, int, int, int, str]]:
     """Every product this process has looked a plan up for, as sorted ``(role, tokens, k, n, dtype)`` keys
     with the dtype's name (picklable and comparable: what ranks exchange to agree on plans)."""
     with _LOCK:
-        return sorted({(role, int(tokens), int(k), int(n), str(dtype).removeprefix("torch."))
-                       for role, tokens, k, n, dtype in _SEEN})
+        keys = {(_shape_key(role, k, n, dtype), int(tokens)) for role, tokens, k, n, dtype in _SEEN}
+        return sorted((role, tokens, k, n, dtype) for (role, k, n, dtype), tokens in keys)
 
 
 def rows_for(keys: list[tuple[str, int, int, int, str]]) -> list[dict]:
