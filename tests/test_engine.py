@@ -44,6 +44,7 @@ def runs(tmp_path_factory):
     results["mismatch"] = go("deepspeed", "mismatch")
     results["plans"] = go("deepspeed", "plans", "--mvue_dw")
     results["plans_mpi"] = go("mpiexec", "plans", "--mvue_dw")
+    results["plans_other_gpu"] = go("deepspeed", "plans", "--mvue_dw", "--other_gpu")
     return results
 
 
@@ -217,4 +218,13 @@ def test_ranks_run_rank_0s_plans_from_their_second_step(runs, launcher):
     assert count == 14  # q, k, v, o, gate, up, down in each of the two blocks
     assert ranks[0]["before"] == [False] * count and ranks[1]["before"] == [True] * count
     assert ranks[0]["after"] == ranks[1]["after"] == [False] * count
+    assert all(math.isfinite(r["loss"]) and r["applied"] for r in rows)
+
+
+def test_a_rank_on_another_gpu_keeps_its_own_plans(runs):
+    """Algorithm ids and timings mean other kernels on another GPU or cuSPARSELt version: no rank takes
+    another's plans then, and training goes on."""
+    ranks, rows = runs["plans_other_gpu"]["ranks"], runs["plans_other_gpu"]["rows"]
+    assert ranks[0]["after"] == ranks[0]["before"] == [False] * 14
+    assert ranks[1]["after"] == ranks[1]["before"] == [True] * 14
     assert all(math.isfinite(r["loss"]) and r["applied"] for r in rows)

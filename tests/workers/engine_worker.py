@@ -330,10 +330,13 @@ def scenario_mismatch(args) -> dict:
 def scenario_plans(args) -> dict:
     """Rank 1 holds MVUE weight-gradient plans that fall back to the exact gradient for every product (as its
     own timing may have said), rank 0 none: which products each rank runs exact, before and after its first
-    optimizer step (run with --mvue_dw)."""
+    optimizer step (run with --mvue_dw). With --other_gpu rank 1 says it runs on another GPU, so it keeps
+    its own plans."""
     from dsparse.backends import plans
     from dsparse.backends.base import padded_tokens
 
+    if args.other_gpu and dist.get_rank() == 1:
+        plans.device_key = lambda: "Another_GPU_cusparselt0"
     engine = build(ds_config(2, dist.get_world_size()))
     tokens = padded_tokens(engine.train_micro_batch_size_per_gpu() * SEQ)
     shapes = [(layer.out_features, layer.in_features) for layer in engine.sparsity.layers]
@@ -367,6 +370,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--mvue_dw", action="store_true", help="MVUE weight gradients in the sparse layers")
     parser.add_argument("--projections", action="store_true", help="group q/k/v and gate/up (fusion.projections)")
+    parser.add_argument("--other_gpu", action="store_true", help="rank 1 reports another GPU (scenario plans)")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     OPTIONS.update(bf16=args.bf16, backend=args.backend, mvue_dw=args.mvue_dw, projections=args.projections)
