@@ -110,12 +110,14 @@ def looked_up() -> list[tuple[str, int, int, int, str]]:
 
 def rows_for(keys: list[tuple[str, int, int, int, str]]) -> list[dict]:
     """This process's plan for each ``(role, tokens, k, n, dtype)`` key (tuning where it has none), as
-    rows for :func:`install_rows`."""
-    rows = []
+    rows for :func:`install_rows`; with them, the plan of every product their tuning looked up (the exact
+    weight gradient an MVUE plan is timed against, which ranks run where that plan says ``dense``)."""
+    before = set(looked_up())
     for role, tokens, k, n, dtype in keys:
-        plan = plan_for(role, tokens, k, n, getattr(torch, dtype))
-        rows.append(_row(_shape_key(role, k, n, dtype), tokens, plan))
-    return rows
+        plan_for(role, tokens, k, n, getattr(torch, dtype))
+    wanted = sorted(set(keys) | (set(looked_up()) - before))
+    return [_row(_shape_key(role, k, n, dtype), tokens, plan_for(role, tokens, k, n, getattr(torch, dtype)))
+            for role, tokens, k, n, dtype in wanted]
 
 
 def install_rows(rows: list[dict], source: str) -> int:

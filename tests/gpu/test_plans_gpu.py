@@ -72,16 +72,20 @@ def test_an_unseen_shape_is_tuned_once_and_cached(tmp_path, monkeypatch):
 
 
 def test_rank_0_answers_a_product_only_another_rank_met_with_a_plan_it_tunes(monkeypatch):
-    """``rows_for`` (rank 0's side of ``agree_plans``) tunes a key it has not looked up, on the key's dtype name."""
+    """``rows_for`` (rank 0's side of ``agree_plans``) tunes a key it has not looked up, on the key's dtype
+    name, and sends with it the exact weight gradient's plan its tuning timed (ranks run that one where the
+    MVUE plan says ``dense``)."""
     monkeypatch.setenv("DSPARSE_AUTOTUNE", "1")
     key = ("dw_mvue", 1024, 1536, 768, "bfloat16")
+    exact = ("dw", *key[1:])
     assert plans.looked_up() == []
-    (row,) = plans.rows_for([key])
-    assert (row["role"], row["tokens"], row["k"], row["n"], row["dtype"]) == key
-    assert plans.looked_up() == [key]
+    rows = plans.rows_for([key])
+    assert [(r["role"], r["tokens"], r["k"], r["n"], r["dtype"]) for r in rows] == [exact, key]
+    assert plans.looked_up() == [exact, key]
     plans.clear_plans()
-    assert plans.install_rows([row], "rank 0's plans") == 1
-    assert plans.plan_for("dw_mvue", 1024, 1536, 768, torch.bfloat16) == Plan.from_row(row)
+    assert plans.install_rows(rows, "rank 0's plans") == 2
+    assert plans.plan_for("dw", 1024, 1536, 768, torch.bfloat16) == Plan.from_row(rows[0])
+    assert plans.plan_for("dw_mvue", 1024, 1536, 768, torch.bfloat16) == Plan.from_row(rows[1])
 
 
 @pytest.mark.parametrize("dense_role", ["fwd", "dx", "both"])
